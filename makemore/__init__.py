@@ -1,0 +1,1 @@
+"""makemore: character-level language models, from the bigram to the hierarchical WaveNet."""

@@ -1,0 +1,107 @@
+"""The makemore command, end to end; bad input ends in one line on stderr and exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from makemore.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--data", "names", "--out", str(out), "--max-steps", "300", "--quiet", "--samples", "0"]) == 0
+    return out
+
+
+def run(*argv):
+    """``python -m makemore ...`` in a fresh process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "makemore", *map(str, argv)], capture_output=True, text=True, timeout=300)
+
+
+def test_train_prints_losses_and_samples(tmp_path):
+    result = run("train", "--data", "names", "--out", tmp_path / "run", "--max-steps", "200", "--quiet", "--samples", "5")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("train ") and " val " in lines[0] and " test " in lines[0]
+    assert len(lines) == 6 and all(line.isalpha() and line.islower() for line in lines[1:])
+
+
+def test_eval_json(trained, capsys):
+    assert main(["eval", "--out", str(trained), "--json"]) == 0
+    losses = json.loads(capsys.readouterr().out)
+    assert set(losses) == {"train", "val", "test"} and all(1.5 < v < 3.0 for v in losses.values())
+
+
+def test_sample_is_reproducible_and_can_skip_training_names(trained, capsys, names):
+    assert main(["sample", "--out", str(trained), "-n", "30", "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert main(["sample", "--out", str(trained), "-n", "30", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first and len(first.splitlines()) == 30
+    assert main(["sample", "--out", str(trained), "-n", "30", "--unique", "--top-k", "5", "--temperature", "0.8"]) == 0
+    samples = capsys.readouterr().out.splitlines()
+    assert len(samples) == 30 and not set(samples) & set(names)
+
+
+def bad(capsys, *argv):
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_missing_data_file(tmp_path, capsys):
+    assert "nope.txt: no such file" in bad(capsys, "train", "--data", tmp_path / "nope.txt", "--out", tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "the file is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "items.txt:2: NUL byte"),
+        (b"anna\n\xff\xfe\n", "items.txt:2: not valid UTF-8"),
+        (b"anna\nst.john\n", "items.txt:2: 'st.john' contains '.'"),
+    ],
+)
+def test_bad_training_files(tmp_path, capsys, content, message):
+    path = tmp_path / "items.txt"
+    path.write_bytes(content)
+    assert message in bad(capsys, "train", "--data", path, "--out", tmp_path / "o", "--max-steps", "1")
+
+
+def test_eval_on_data_with_a_character_the_model_never_saw(trained, tmp_path, capsys):
+    path = tmp_path / "other.txt"
+    path.write_text("anna\nzoë\n")
+    assert "other.txt:2: character 'ë' is not in the model's vocabulary of 27" in bad(capsys, "eval", "--out", trained, "--data", path)
+
+
+def test_sample_without_a_checkpoint(tmp_path, capsys):
+    assert "no checkpoint here; train one first" in bad(capsys, "sample", "--out", tmp_path)
+
+
+def test_training_never_overwrites_a_trained_model_silently(trained, capsys):
+    assert "already exists; pass --resume" in bad(capsys, "train", "--data", "names", "--out", trained, "--max-steps", "1")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--block-size", "6"], "block_size must be a power of two"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--kind", "stream", "--data", "names", "--block-size", "1048576"], "fewer than a window"),
+    ],
+)
+def test_bad_options(tmp_path, capsys, flags, message):
+    assert message in bad(capsys, "train", "--out", tmp_path / "o", "--max-steps", "1", *flags)
+
+
+def test_bad_sample_options(trained, capsys):
+    assert "temperature must be > 0" in bad(capsys, "sample", "--out", trained, "--temperature", "0")
+
+
+def test_console_script_errors_without_traceback(tmp_path):
+    result = run("sample", "--out", tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"makemore sample: error: {tmp_path / 'ckpt.pt'}: no checkpoint here; train one first with `makemore train --out {tmp_path}`"
