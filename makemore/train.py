@@ -20,7 +20,7 @@ from kernels import cross_entropy
 
 from . import checkpoint, data
 from .data import IGNORE_INDEX, DataError, Vocab
-from .models import MLP, MLPConfig, NeuralBigram, NGram, HierarchicalWaveNet, WaveNetConfig
+from .models import MLP, ConvWaveNet, HierarchicalWaveNet, MLPConfig, NeuralBigram, NGram, WaveNetConfig
 
 CHECKPOINT = "ckpt.pt"
 METRICS = "metrics.jsonl"
@@ -60,7 +60,8 @@ RECIPES = {
     "bigram-nn": TrainConfig(model="bigram-nn", block_size=1, max_steps=0),
 }
 
-MODELS = ("bigram", "trigram", "bigram-nn", "mlp", "wavenet")
+MODELS = ("bigram", "trigram", "bigram-nn", "mlp", "wavenet", "conv-wavenet")
+SEQUENCE_MODELS = ("conv-wavenet",)
 
 
 class SGD(torch.optim.Optimizer):
@@ -92,6 +93,8 @@ def build_model(config: TrainConfig, vocab_size: int) -> torch.nn.Module:
         return MLP(MLPConfig(vocab_size, config.block_size, config.n_embd, config.n_hidden))
     if config.model == "wavenet":
         return HierarchicalWaveNet(WaveNetConfig(vocab_size, config.block_size, config.n_embd, config.n_hidden))
+    if config.model == "conv-wavenet":
+        return ConvWaveNet(WaveNetConfig(vocab_size, config.block_size, config.n_embd, config.n_hidden))
     raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
 
 
@@ -104,20 +107,25 @@ def loss_function(name: str):
 
 
 class Corpus:
-    """The data a run trains and evaluates on, in the shapes its model takes."""
+    """The data a run trains and evaluates on, in the shapes its model takes.
+
+    Window models take (X (N, block_size), Y (N,)). Sequence models (the convolutional WaveNet)
+    take whole sequences (S (N, block_size + T - 1), targets (N, T)), targets IGNORE_INDEX where
+    there is nothing to predict; both see the same population of (window, next token) pairs.
+    """
 
     def __init__(self, config: TrainConfig, vocab: Vocab | None = None):
         path, self.kind = data.resolve(config.data, kind=config.kind)
         self.block_size = config.block_size
         self.seq_len = config.seq_len
+        self.sequences = config.model in SEQUENCE_MODELS
         if self.kind == "lines":
             items = data.read_lines(path, vocab)
             self.vocab = vocab or Vocab.for_lines(items)
             self.items = dict(zip(("train", "val", "test"), data.lecture_split(items, seed=config.seed)))
-            self.windows = {
-                split: data.build_windows(split_items, self.vocab, config.block_size, where=str(path))
-                for split, split_items in self.items.items()
-            }
+            shape = data.padded_sequences if self.sequences else data.build_windows
+            self.tensors = {split: shape(split_items, self.vocab, config.block_size, where=str(path)) for split, split_items in self.items.items()}
+            self.lengths = {split: torch.tensor([len(item) for item in split_items]) for split, split_items in self.items.items()}
             self.max_len = max(len(item) for item in items)
         else:
             text = data.read_text(path)
@@ -125,31 +133,64 @@ class Corpus:
             ids = self.vocab.encode(text, where=str(path))
             self.streams = dict(zip(("train", "val"), data.stream_split(ids)))
             self.max_len = config.seq_len
+            span = self.block_size + (self.seq_len if self.sequences else 1)
+            for split, split_ids in self.streams.items():
+                if len(split_ids) < span:
+                    raise DataError(
+                        f"{path}: the {split} split has {len(split_ids)} tokens, fewer than a window of {span}; "
+                        "use a shorter context or more text"
+                    )
 
     @property
     def splits(self) -> tuple[str, ...]:
-        return tuple(self.windows) if self.kind == "lines" else tuple(self.streams)
+        return tuple(self.tensors) if self.kind == "lines" else tuple(self.streams)
 
     def training_batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random batch: ``batch_size`` windows, or ``batch_size`` whole items or text windows for sequence models."""
         if self.kind == "lines":
-            X, Y = self.windows["train"]
-            ix = torch.randint(0, X.shape[0], (batch_size,), generator=generator)
-            return X[ix], Y[ix]
-        window = data.random_windows(self.streams["train"], batch_size, self.block_size + 1, generator)
-        return window[:, :-1], window[:, -1]
+            inputs, targets = self.tensors["train"]
+            ix = torch.randint(0, inputs.shape[0], (batch_size,), generator=generator)
+            if not self.sequences:
+                return inputs[ix], targets[ix]
+            longest = int(self.lengths["train"][ix].max())  # trim the columns no item of this batch reaches
+            return inputs[ix, : self.block_size + longest], targets[ix, : longest + 1]
+        span = self.block_size + (self.seq_len if self.sequences else 1)
+        window = data.random_windows(self.streams["train"], batch_size, span, generator)
+        if not self.sequences:
+            return window[:, :-1], window[:, -1]
+        return window[:, :-1], window[:, self.block_size :]
 
     def all_windows(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every window X (N, block_size) of ``split`` and its next token Y (N,)."""
+        """Every window X (N, block_size) of ``split`` and its next token Y (N,), for window models."""
         if self.kind == "lines":
-            return self.windows[split]
+            return self.tensors[split]
         windows = self.streams[split].unfold(0, self.block_size + 1, 1)  # a view: no copy of the text per window
         return windows[:, :-1], windows[:, -1]
 
-    def eval_batches(self, split: str, batch_size: int):
-        """(X, Y) batches covering every window of ``split`` exactly once."""
-        X, Y = self.all_windows(split)
-        for i in range(0, X.shape[0], batch_size):
-            yield X[i : i + batch_size], Y[i : i + batch_size]
+    def eval_batches(self, split: str, windows_per_batch: int):
+        """(inputs, targets) batches that together predict every target of ``split`` exactly once."""
+        if not self.sequences:
+            X, Y = self.all_windows(split)
+            for i in range(0, X.shape[0], windows_per_batch):
+                yield X[i : i + windows_per_batch], Y[i : i + windows_per_batch]
+            return
+        if self.kind == "lines":
+            S, targets = self.tensors[split]
+            rows = max(1, windows_per_batch // targets.shape[1])
+            for i in range(0, S.shape[0], rows):
+                yield S[i : i + rows], targets[i : i + rows]
+            return
+        # A stream in consecutive chunks of seq_len targets; the last chunk's overhang is ignored.
+        ids, B, T = self.streams[split], self.block_size, self.seq_len
+        n_targets = len(ids) - B
+        n_chunks = -(-n_targets // T)
+        padded = torch.cat([ids, ids.new_zeros(n_chunks * T + B - len(ids))])
+        chunks = padded.unfold(0, T + B, T)  # (n_chunks, T + B)
+        position = torch.arange(n_chunks)[:, None] * T + torch.arange(T)  # index of each target among the split's
+        targets = chunks[:, B:].masked_fill(position >= n_targets, IGNORE_INDEX)
+        rows = max(1, windows_per_batch // T)
+        for i in range(0, n_chunks, rows):
+            yield chunks[i : i + rows, :-1], targets[i : i + rows]
 
 
 @torch.no_grad()
@@ -160,11 +201,11 @@ def evaluate(model, corpus: Corpus, loss_fn=cross_entropy, splits=None, batch_si
     result = {}
     for split in splits or corpus.splits:
         total, count = 0.0, 0
-        for X, Y in corpus.eval_batches(split, batch_size):
-            logits = model(X.to(device))
-            Y = Y.to(device)
-            total += float(loss_fn(logits, Y, ignore_index=IGNORE_INDEX, reduction="sum"))
-            count += int((Y != IGNORE_INDEX).sum())
+        for inputs, targets in corpus.eval_batches(split, batch_size):
+            logits = model(inputs.to(device))
+            targets = targets.to(device)
+            total += float(loss_fn(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((targets != IGNORE_INDEX).sum())
         result[split] = total / count
     model.train(was_training)
     return result
@@ -217,7 +258,7 @@ def train(config: TrainConfig, out_dir: Path, *, resume: bool = False, progress:
         )
 
     if fits:
-        X, Y = corpus.all_windows("train")
+        X, Y = corpus.all_windows("train")  # the whole split at once: count models and full-batch descent
         model.fit(X.to(config.device), Y.to(config.device))
     else:
         _sgd_loop(model, optimizer, corpus, config, loss_fn, generator, losses, start, out_dir, save_checkpoint, progress)
@@ -237,9 +278,12 @@ def _sgd_loop(model, optimizer, corpus, config, loss_fn, generator, losses, star
     tick, tick_step = time.perf_counter(), start
     with open(out_dir / METRICS, "a") as metrics:
         for step in bar:
-            Xb, Yb = corpus.training_batch(config.batch_size, generator)
-            logits = model(Xb.to(config.device))
-            loss = loss_fn(logits, Yb.to(config.device))
+            inputs, targets = (t.to(config.device) for t in corpus.training_batch(config.batch_size, generator))
+            if corpus.sequences:  # padding must stay out of BatchNorm's statistics
+                logits = model(inputs, valid=targets != IGNORE_INDEX)
+            else:
+                logits = model(inputs)
+            loss = loss_fn(logits, targets, ignore_index=IGNORE_INDEX)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimizer.param_groups:

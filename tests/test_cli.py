@@ -60,7 +60,7 @@ def test_missing_data_file(tmp_path, capsys):
     "content, message",
     [
         (b"", "the file is empty"),
-        (b"\x89PNG\r\n\x1a\n\x00\x00", "items.txt:2: NUL byte"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "items.txt:3: NUL byte"),
         (b"anna\n\xff\xfe\n", "items.txt:2: not valid UTF-8"),
         (b"anna\nst.john\n", "items.txt:2: 'st.john' contains '.'"),
     ],
@@ -90,7 +90,7 @@ def test_training_never_overwrites_a_trained_model_silently(trained, capsys):
     [
         (["--block-size", "6"], "block_size must be a power of two"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
-        (["--kind", "stream", "--data", "names", "--block-size", "1048576"], "fewer than a window"),
+        (["--kind", "stream", "--data", "names", "--block-size", "1048576"], "fewer than a window of 1048577"),
     ],
 )
 def test_bad_options(tmp_path, capsys, flags, message):

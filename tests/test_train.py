@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from makemore import checkpoint, data
+from makemore.models import HierarchicalWaveNet, WaveNetConfig
 from makemore.train import CHECKPOINT, METRICS, TrainConfig, config_with, train
 
 
@@ -24,7 +25,9 @@ def test_lecture_recipe_is_the_lectures_notebook_step_for_step(tmp_path, names, 
     theirs = lecture.hierarchical(27)
     lossi = lecture.train_steps(theirs, X, Y, 300)
     assert torch.equal(ours["losses"], torch.tensor(lossi))
-    for ours_p, theirs_p in zip(ours["model"].values(), theirs.parameters()):
+    model = HierarchicalWaveNet(WaveNetConfig())
+    model.load_state_dict(ours["model"])
+    for ours_p, theirs_p in zip(model.parameters(), theirs.parameters(), strict=True):
         assert torch.equal(ours_p, theirs_p)
 
 
@@ -98,3 +101,30 @@ def test_a_path_is_line_data_unless_declared_a_stream(tmp_path):
     path.write_text("anna\nbob\n")
     assert data.resolve(str(path)) == (path, "lines")
     assert data.resolve(str(path), kind="stream") == (path, "stream")
+
+
+def test_conv_wavenet_trains_on_whole_names(tmp_path):
+    config, out = quick(tmp_path, model="conv-wavenet", max_steps=300, batch_size=8)
+    result = train(config, out, progress=False)
+    assert result["val"] < 2.6
+
+
+def test_conv_wavenet_evaluates_the_same_pairs_as_the_windowed_model(tmp_path):
+    """Trained as a ConvWaveNet, evaluated per window: the same weights give the same losses."""
+    from makemore.models import ConvWaveNet
+    from makemore.train import Corpus, evaluate
+
+    config, out = quick(tmp_path, model="conv-wavenet", max_steps=50, batch_size=8)
+    conv_result = train(config, out, progress=False)
+    conv = ConvWaveNet(WaveNetConfig())
+    conv.load_state_dict(checkpoint.load(out / CHECKPOINT)["model"])
+    windowed = evaluate(conv.to_hierarchical(), Corpus(config_with(config, model="wavenet")))
+    assert windowed == pytest.approx(conv_result, abs=1e-5)
+
+
+def test_conv_wavenet_trains_on_a_stream_with_a_long_context(tmp_path):
+    path = tmp_path / "stream.txt"
+    path.write_text("the quick brown fox. jumps over the lazy dog.\n" * 400)
+    config, out = quick(tmp_path, data=str(path), kind="stream", model="conv-wavenet", block_size=1024, n_embd=8, n_hidden=16, seq_len=32, batch_size=4, max_steps=100)
+    result = train(config, out, progress=False)
+    assert result["val"] < 2.0
