@@ -1,6 +1,6 @@
 from .base import WindowLM
 from .bigram import NGram, NeuralBigram
 from .mlp import MLP, MLPConfig
-from .wavenet import FuseBlock, HierarchicalWaveNet, WaveNetConfig
+from .wavenet import ConvWaveNet, FuseBlock, HierarchicalWaveNet, WaveNetConfig
 
-__all__ = ["WindowLM", "NGram", "NeuralBigram", "MLP", "MLPConfig", "FuseBlock", "HierarchicalWaveNet", "WaveNetConfig"]
+__all__ = ["WindowLM", "NGram", "NeuralBigram", "MLP", "MLPConfig", "FuseBlock", "HierarchicalWaveNet", "ConvWaveNet", "WaveNetConfig"]

@@ -1,0 +1,100 @@
+"""Shared pieces of the benchmark suites: the device, device-aware timing, and peak memory.
+
+    python -m pytest bench/ [--device cpu|cuda] --benchmark-json=bench/results/all.json
+    python -m bench.report bench/results/all.json --out bench/results
+
+A suite's test builds a closure doing one unit of work on ``device`` and hands it to
+``measure(benchmark, fn)``: pytest-benchmark times it (synchronising CUDA after each call), then
+one more call runs under a memory probe and ``benchmark.extra_info`` gets ``peak_mib``, the
+most memory held at once during the call beyond what was held before it, and on CUDA
+``cuda_ms``, the GPU time per call from CUDA events.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+MIB = 2**20
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device the benchmarks run on (default: cuda if available, else cpu)",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda, but CUDA is not available")
+    return device
+
+
+def synchronized(fn, device: torch.device):
+    """``fn``, followed on CUDA by a synchronize, so a wall-clock timer sees the finished work."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result
+
+    return call
+
+
+def cuda_ms(fn, device: torch.device, repeats: int = 5) -> float:
+    """Mean GPU time of one call in milliseconds, from CUDA events (no host overhead in it)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / repeats
+
+
+def peak_mib(fn, device: torch.device) -> float:
+    """Most memory held at once during ``fn()``, above what was held when it started, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / MIB
+    # On CPU PyTorch keeps no allocation statistics, but the profiler logs every allocation and
+    # free with the running total; page-level measures (RSS) would miss buffers that malloc reuses.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not memory:
+        return 0.0
+    before = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in memory) / MIB - before / MIB
+
+
+@pytest.fixture
+def measure(device):
+    """``measure(benchmark, fn)``: time ``fn`` with pytest-benchmark, then record its peak memory."""
+
+    def run(benchmark, fn):
+        result = benchmark(synchronized(fn, device))
+        benchmark.extra_info["device"] = str(device)
+        benchmark.extra_info["peak_mib"] = round(peak_mib(fn, device), 2)
+        if device.type == "cuda":
+            benchmark.extra_info["cuda_ms"] = round(cuda_ms(fn, device), 4)
+        return result
+
+    return run

@@ -1,0 +1,5 @@
+"""Fused kernels for makemore; see kernels.cross_entropy."""
+
+from .cross_entropy import cross_entropy
+
+__all__ = ["cross_entropy"]

@@ -1,0 +1,388 @@
+"""kernels.cross_entropy against F.cross_entropy: losses and gradients, both backends.
+
+Every test that takes ``backend`` runs for the PyTorch fallback here and for the Triton kernel
+in a subprocess with TRITON_INTERPRET=1 (see test_triton_cases_pass_under_the_interpreter):
+the interpreter has to be chosen before Triton compiles anything, so this process never enters
+it by accident. On a machine with CUDA the Triton cases run here, on the GPU.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels import cross_entropy
+
+xent = importlib.import_module("kernels.cross_entropy")  # the module; `kernels.cross_entropy` is the function
+
+CUDA_TRITON = xent.triton is not None and torch.cuda.is_available() and not xent.INTERPRET
+TRITON_HERE = xent.INTERPRET or CUDA_TRITON
+# Without a GPU or the interpreter the Triton cases are not collected here at all: the subprocess
+# of test_triton_cases_pass_under_the_interpreter collects and runs them.
+BACKENDS = ["torch", "triton"] if TRITON_HERE else ["torch"]
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def device_for(backend: str) -> str:
+    return "cuda" if backend == "triton" and CUDA_TRITON else "cpu"
+
+
+def make_case(n, v, *, ignore="none", batch=(), dtype=torch.float32, scale=3.0, seed=0, device="cpu"):
+    """Logits (*batch, n, v) and int64 targets, with no, some or all targets set to -100."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(*batch, n, v, generator=gen) * scale
+    target = torch.randint(0, v, (*batch, n), generator=gen)
+    if ignore == "some":
+        target[..., ::3] = -100
+    elif ignore == "all":
+        target[...] = -100
+    return logits.to(device, dtype), target.to(device)
+
+
+def check(logits, target, backend, *, upstream=None, rtol=2e-5, atol=1e-7, **kwargs):
+    """Compare loss and d(loss * upstream)/d(logits) with F.cross_entropy in fp64.
+
+    fp64, because F.cross_entropy's own fp32 gradient strays by 1e-5 at V = 50257.
+    """
+    x = logits.detach().clone().requires_grad_()
+    loss = cross_entropy(x, target, backend=backend, **kwargs)
+    x_ref = logits.detach().double().requires_grad_()
+    v = logits.shape[-1]
+    ref = F.cross_entropy(x_ref.reshape(-1, v), target.reshape(-1).long(), **kwargs)
+    if kwargs.get("reduction") == "none":
+        ref = ref.reshape(target.shape)
+    if upstream is None:
+        upstream = torch.rand_like(ref) + 0.5 if ref.dim() else torch.ones((), device=ref.device)
+    upstream = upstream.to(ref.dtype)
+    (loss * upstream.to(loss.dtype)).sum().backward()
+    (ref * upstream).sum().backward()
+
+    assert loss.dtype == logits.dtype and loss.shape == ref.shape
+    assert x.grad.dtype == logits.dtype and x.grad.shape == logits.shape
+    torch.testing.assert_close(loss.float(), ref.to(logits.dtype).float(), rtol=rtol, atol=atol, equal_nan=True)
+    # Entries near zero (p - eps / V) cancel, so gradient errors count against the largest entry.
+    expected = x_ref.grad.to(logits.dtype).float()
+    grad_atol = atol + rtol * expected.nan_to_num(0.0).abs().max().item()
+    torch.testing.assert_close(x.grad.float(), expected, rtol=rtol, atol=grad_atol, equal_nan=True)
+    return loss, x.grad
+
+
+# --- semantics: shapes, reductions, ignore_index, label smoothing ------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", [1, 2, 27, 65, 1000, 50257])
+@pytest.mark.parametrize("n", [1, 7])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("ignore", ["none", "some", "all"])
+def test_matches_torch(backend, v, n, reduction, label_smoothing, ignore):
+    logits, target = make_case(n, v, ignore=ignore, device=device_for(backend))
+    check(logits, target, backend, reduction=reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", [27, 65, 1000])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_matches_torch_on_a_full_batch(backend, v, reduction, label_smoothing):
+    logits, target = make_case(4096, v, ignore="some", device=device_for(backend))
+    check(logits, target, backend, reduction=reduction, label_smoothing=label_smoothing, rtol=1e-4)
+
+
+def test_fallback_matches_torch_at_gpt2_scale():
+    logits, target = make_case(4096, 50257)
+    check(logits, target, "torch", rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_three_dimensional_logits(backend, reduction):
+    logits, target = make_case(8, 65, batch=(3,), ignore="some", device=device_for(backend))
+    check(logits, target, backend, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unbatched_logits(backend):
+    logits, target = make_case(1, 27, device=device_for(backend))
+    check(logits[0], target[0], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(backend, reduction):
+    device = device_for(backend)
+    logits = torch.randn(0, 27, device=device, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=device)
+    loss = cross_entropy(logits, target, reduction=reduction, backend=backend)
+    ref = F.cross_entropy(logits, target, reduction=reduction)
+    torch.testing.assert_close(loss, ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_mean_over_no_targets_is_nan_with_zero_gradient(backend, reduction):
+    logits, target = make_case(5, 27, ignore="all", device=device_for(backend))
+    loss, grad = check(logits, target, backend, reduction=reduction)
+    assert loss.isnan().all() if reduction == "mean" else (loss == 0).all()
+    assert (grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ignore_index", [0, 3, -1])
+def test_any_ignore_index(backend, ignore_index):
+    logits, target = make_case(40, 27, device=device_for(backend))
+    target[::4] = ignore_index
+    check(logits, target, backend, ignore_index=ignore_index, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_targets(backend):
+    logits, target = make_case(33, 65, ignore="some", device=device_for(backend))
+    check(logits, target.int(), backend, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_upstream_gradient_scales_the_saved_one(backend, reduction):
+    logits, target = make_case(16, 65, ignore="some", device=device_for(backend))
+    check(logits, target, backend, reduction=reduction, upstream=torch.tensor(-2.5, device=logits.device))
+
+
+# --- numerics: extreme values, layouts, precisions -------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", [27, 1000])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_extreme_logits(backend, v, label_smoothing, reduction):
+    logits, target = make_case(12, v, device=device_for(backend))
+    logits[0, :] = -1e4
+    logits[0, target[0]] = 1e4  # certain and right: loss 0
+    logits[1, target[1]] = -1e4  # certain and wrong: loss ~1e4
+    logits[2, 5:] = float("-inf")  # masked classes, target among them for row 2 only if >= 5
+    logits[3, :] = 1e4
+    logits[4, ::2] = float("-inf")
+    target[4] = 1
+    logits[5, 0] = float("-inf")  # a masked target class: infinite loss, finite gradient
+    target[5] = 0
+    check(logits, target, backend, reduction=reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "strided_columns", "permuted_3d"])
+def test_non_contiguous_logits(backend, layout):
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(1)
+    if layout == "transposed":
+        logits = torch.randn(65, 30, generator=gen).to(device).t()
+    elif layout == "strided_columns":
+        logits = torch.randn(30, 130, generator=gen).to(device)[:, ::2]
+    else:
+        logits = torch.randn(2, 65, 15, generator=gen).to(device).transpose(1, 2)
+    assert not logits.is_contiguous()
+    target = torch.randint(0, 65, logits.shape[:-1], generator=gen).to(device)
+    check(logits, target, backend, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("v", [27, 1000])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_half_precision_logits(backend, dtype, v, reduction):
+    logits, target = make_case(64, v, ignore="some", dtype=dtype, device=device_for(backend))
+    check(logits, target, backend, reduction=reduction, label_smoothing=0.1, rtol=2e-2, atol=2e-3)
+
+
+# --- memory behaviour: the gradient is the only (N, V) buffer ------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_inplace_grad_writes_the_gradient_into_the_logits(backend, dtype, reduction):
+    logits, target = make_case(20, 65, ignore="some", dtype=dtype, device=device_for(backend))
+    weight = torch.ones((), dtype=dtype, device=logits.device, requires_grad=True)
+    scaled = logits * weight  # non-leaf logits, as a model's output would be
+    storage = scaled.data_ptr()
+    grads = []
+    scaled.register_hook(grads.append)
+    loss = cross_entropy(scaled, target, reduction=reduction, label_smoothing=0.1, inplace_grad=True, backend=backend)
+    loss.sum().backward()
+
+    x_ref = logits.detach().double().requires_grad_()
+    ref = F.cross_entropy(x_ref, target, reduction=reduction, label_smoothing=0.1)
+    ref.sum().backward()
+    tol = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(loss.float(), ref.to(dtype).float(), **tol)
+    assert grads[0].data_ptr() == storage
+    torch.testing.assert_close(scaled.detach().float(), x_ref.grad.to(dtype).float(), **tol)
+    torch.testing.assert_close(weight.grad.double(), (x_ref.grad * logits.double()).sum(), rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_autograd_no_gradient_is_written(backend):
+    logits, target = make_case(20, 65, device=device_for(backend))
+    before = logits.clone()
+    with torch.no_grad():
+        loss = cross_entropy(logits.requires_grad_(), target, inplace_grad=True, backend=backend)
+    assert loss.grad_fn is None
+    assert torch.equal(logits, before)
+    torch.testing.assert_close(loss, F.cross_entropy(before, target))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward_is_refused(backend):
+    logits, target = make_case(4, 27, device=device_for(backend))
+    loss = cross_entropy(logits.requires_grad_(), target, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+# --- tiling: several chunks (fallback) and several tiles per row or rows per tile (Triton) ---
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("v", [27, 1000])
+@pytest.mark.parametrize("extreme", [False, True])
+def test_fallback_over_many_row_chunks(monkeypatch, dtype, v, extreme):
+    monkeypatch.setattr(xent, "CHUNK_ELEMENTS", 2 * v)  # two rows a chunk
+    logits, target = make_case(9, v, ignore="some", dtype=dtype)
+    if extreme:
+        logits[4, 0] = 1e4  # one chunk takes the max-shifted path, the others the plain one
+    tol = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for reduction in REDUCTIONS:
+        check(logits, target, "torch", reduction=reduction, label_smoothing=0.1, **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            cross_entropy(logits, target, backend="torch").float(),
+            F.cross_entropy(logits.float(), target).to(dtype).float(),
+            **tol,
+        )
+
+
+@pytest.mark.skipif(not TRITON_HERE, reason="runs in test_triton_cases_pass_under_the_interpreter")
+@pytest.mark.parametrize("tile", [64, 256])
+@pytest.mark.parametrize("v", [27, 65, 1000])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_triton_tiling(monkeypatch, tile, v, reduction):
+    """Small tiles: several rows a program at V = 27, an online softmax over column tiles above."""
+    monkeypatch.setattr(xent, "TILE", tile)
+    logits, target = make_case(13, v, ignore="some", device=device_for("triton"))
+    logits[2, -1] = float("-inf")
+    logits[3, : v // 2] = float("-inf")  # whole leading tiles of -inf
+    check(logits, target, "triton", reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.skipif(not CUDA_TRITON, reason="needs a GPU with 5 GB free")
+def test_triton_64_bit_offsets():
+    n, v = 65_600, 32_768  # n * v > 2**31
+    logits = torch.randn(n, v, device="cuda", dtype=torch.float16)
+    target = torch.randint(0, v, (n,), device="cuda")
+    target[-1] = v - 1
+    loss = cross_entropy(logits, target, reduction="none", backend="triton")
+    ref = F.cross_entropy(logits[-4:].float(), target[-4:], reduction="none").half()
+    torch.testing.assert_close(loss[-4:], ref, rtol=1e-3, atol=1e-3)
+
+
+# --- property tests ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    v=st.integers(1, 300),
+    scale=st.sampled_from([0.1, 3.0, 30.0, 100.0]),
+    ignore=st.sampled_from(["none", "some", "all"]),
+    reduction=st.sampled_from(REDUCTIONS),
+    label_smoothing=st.sampled_from([0.0, 0.1, 0.5]),
+    extremes=st.lists(st.tuples(st.integers(0, 39), st.integers(0, 299), st.sampled_from([1e4, -1e4, -float("inf")])), max_size=4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_matches_torch(backend, n, v, scale, ignore, reduction, label_smoothing, extremes, seed):
+    logits, target = make_case(n, v, ignore=ignore, scale=scale, seed=seed, device=device_for(backend))
+    for row, col, value in extremes:
+        logits[row % n, col % v] = value
+    check(logits, target, backend, reduction=reduction, label_smoothing=label_smoothing, rtol=1e-4, atol=1e-5)
+
+
+# --- argument checks, all before any kernel launch ----------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [27, 1000, -1, -101])
+def test_out_of_range_target_is_a_clear_error(backend, bad):
+    logits, target = make_case(6, 27, ignore="some", device=device_for(backend))
+    target[4] = bad
+    with pytest.raises(ValueError, match=rf"target\[4\] = {bad} is out of range.*\[0, 27\).*ignore_index=-100"):
+        cross_entropy(logits, target, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(target=torch.zeros(4, 2)), "int64 or int32"),
+        (dict(target=torch.zeros(5, dtype=torch.long)), "target shape"),
+        (dict(logits=torch.zeros(4, 27, dtype=torch.long)), "floating"),
+        (dict(reduction="avg"), "reduction"),
+        (dict(label_smoothing=1.5), "label_smoothing"),
+        (dict(label_smoothing=-0.1), "label_smoothing"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
+def test_bad_arguments_are_value_errors(change, message):
+    args = dict(logits=torch.zeros(4, 27), target=torch.zeros(4, dtype=torch.long)) | change
+    with pytest.raises(ValueError, match=message):
+        cross_entropy(args.pop("logits"), args.pop("target"), **args)
+
+
+def test_backend_comes_from_the_environment(monkeypatch):
+    logits, target = make_case(4, 27)
+    monkeypatch.setenv(xent.BACKEND_ENV, "bogus")
+    with pytest.raises(ValueError, match="backend"):
+        cross_entropy(logits, target)
+    cross_entropy(logits, target, backend="torch")  # the keyword wins
+
+
+@pytest.mark.skipif(TRITON_HERE, reason="Triton can run here")
+def test_triton_backend_on_cpu_tensors_says_how_to_run_it():
+    logits, target = make_case(4, 27)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1|needs the triton package"):
+        cross_entropy(logits, target, backend="triton")
+
+
+def test_auto_sends_cpu_tensors_to_the_fallback(monkeypatch):
+    calls = []
+    monkeypatch.setitem(xent._FORWARD, "torch", lambda *args: calls.append(args) or xent._torch_forward(*args))
+    logits, target = make_case(4, 27)
+    cross_entropy(logits, target)
+    assert len(calls) == 1
+
+
+# --- the Triton path in the interpreter ---------------------------------------------------------
+
+
+@pytest.mark.skipif(xent.triton is None, reason="triton is not installed")
+@pytest.mark.skipif(TRITON_HERE, reason="the Triton cases run in this process")
+def test_triton_cases_pass_under_the_interpreter():
+    """Rerun this file's Triton cases in a process that imports Triton with TRITON_INTERPRET=1."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop(xent.BACKEND_ENV, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
+         "-k", "triton and not interpreter"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
