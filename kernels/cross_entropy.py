@@ -6,6 +6,8 @@ d(loss)/d(logits) in the forward call. The gradient is already scaled for the re
 backward only multiplies by the incoming gradient, and no (N, V) softmax or log-softmax tensor
 exists besides the gradient itself (F.cross_entropy keeps the log-softmax and then allocates
 the gradient). With ``inplace_grad=True`` the gradient overwrites the logits' storage instead.
+Small CPU problems, where a Python autograd.Function's fixed cost outweighs the fusion, go to
+F.cross_entropy itself unless a backend is forced.
 
 The module reads top to bottom: input checks, backend choice, the Triton kernel and its launcher,
 the PyTorch fallback, the autograd Function, and the public function.
@@ -17,6 +19,7 @@ import itertools
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -33,11 +36,12 @@ BACKEND_ENV = "MAKEMORE_XENT_BACKEND"
 
 # ---------------------------------------------------------------------------------------------
 # Input checks: all of them run before any kernel launch, so a bad target is an error, never
-# an out-of-bounds read.
+# an out-of-bounds read. (On CPU, F.cross_entropy bounds-checks its own targets; the small
+# problems handed to it skip the extra pass and get the same error afterwards.)
 
 
-def _check_inputs(logits, target, ignore_index, reduction, label_smoothing) -> bool:
-    """Raise ValueError on bad arguments; return whether some target may equal ``ignore_index``."""
+def _check_arguments(logits, target, reduction, label_smoothing) -> None:
+    """Raise ValueError on arguments F.cross_entropy would refuse; the target values are not read."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -53,6 +57,10 @@ def _check_inputs(logits, target, ignore_index, reduction, label_smoothing) -> b
         )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+
+
+def _check_targets(logits, target, ignore_index) -> bool:
+    """Raise ValueError on a class index out of range; return whether some target may equal ``ignore_index``."""
     if target.numel() == 0:
         return False
     # One reduction settles the common case; the position of a bad value is looked up only on failure.
@@ -69,12 +77,24 @@ def _check_inputs(logits, target, ignore_index, reduction, label_smoothing) -> b
     return low <= ignore_index <= high
 
 
-def _pick_backend(backend: str | None, device: torch.device) -> str:
+# Below this many logits, "auto" on CPU hands the problem to F.cross_entropy: a Python
+# autograd.Function costs about 130 us a call more than F.cross_entropy's C++ path on our 2-core
+# CPU (200 against 70 us at N = 32, V = 27), more than fusing saves until about 4096 x 65 logits,
+# and F.cross_entropy's two (N, V) buffers are at most 4 MiB here. bench/bench_cross_entropy.py
+# measures both sides of the line.
+ATEN_BELOW = 1 << 19
+
+
+def _pick_backend(backend: str | None, logits: torch.Tensor, inplace_grad: bool) -> str:
+    """The path to run: "triton", "torch" (the fused fallback) or "aten" (F.cross_entropy itself)."""
     backend = backend or os.environ.get(BACKEND_ENV) or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (or unset), got {backend!r}")
+    device = logits.device
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton is not None else "torch"
+        if device.type == "cuda" and triton is not None:
+            return "triton"
+        return "aten" if logits.numel() < ATEN_BELOW and not inplace_grad else "torch"
     if backend == "triton":
         if triton is None:
             raise RuntimeError("backend='triton' needs the triton package, which could not be imported")
@@ -389,16 +409,37 @@ def cross_entropy(
 
     inplace_grad: write the gradient into the logits' storage instead of a new buffer. The
         logits are overwritten by the forward call, so nothing else may read them afterwards.
-    backend: "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1), "torch" (the fallback), or
-        "auto" (Triton for CUDA tensors, the fallback otherwise). Unset, $MAKEMORE_XENT_BACKEND
-        decides, defaulting to "auto".
+    backend: "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1), "torch" (the fused PyTorch
+        fallback), or "auto": Triton for CUDA tensors, otherwise the fallback, or for fewer than
+        ATEN_BELOW logits (without inplace_grad) F.cross_entropy itself, which is faster there.
+        Unset, $MAKEMORE_XENT_BACKEND decides, defaulting to "auto".
 
     The gradient is computed during forward, so backward runs at most once per forward.
     """
-    may_ignore = _check_inputs(logits, target, ignore_index, reduction, label_smoothing)
-    backend = _pick_backend(backend, logits.device)
+    _check_arguments(logits, target, reduction, label_smoothing)
+    backend = _pick_backend(backend, logits, inplace_grad)
+    if backend == "aten":
+        return _aten_cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
+    may_ignore = _check_targets(logits, target, ignore_index)
     # Inside forward grad mode is always off and needs_input_grad ignores it, so decide here.
     want_grad = logits.requires_grad and torch.is_grad_enabled()
     return _CrossEntropy.apply(
         logits, target, ignore_index, may_ignore, reduction, float(label_smoothing), inplace_grad, backend, want_grad
     )
+
+
+def _aten_cross_entropy(logits, target, ignore_index, reduction, label_smoothing):
+    """F.cross_entropy on the (..., V) layout, with this module's error for a bad target."""
+    if logits.device.type != "cpu":
+        _check_targets(logits, target, ignore_index)  # a bad target would be a device-side assert
+    target_shape = target.shape
+    if logits.dim() != 2:  # F.cross_entropy wants the classes in dim 1; (N, V) skips a view node in the graph
+        logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    try:
+        loss = F.cross_entropy(
+            logits, target.long(), ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
+    except IndexError:  # on CPU F.cross_entropy checks the targets itself, before reading logits with them
+        _check_targets(logits, target, ignore_index)
+        raise
+    return loss.view(target_shape) if reduction == "none" else loss

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -319,7 +320,7 @@ def test_property_matches_torch(backend, n, v, scale, ignore, reduction, label_s
 # --- argument checks, all before any kernel launch ----------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
 @pytest.mark.parametrize("bad", [27, 1000, -1, -101])
 def test_out_of_range_target_is_a_clear_error(backend, bad):
     logits, target = make_case(6, 27, ignore="some", device=device_for(backend))
@@ -361,12 +362,17 @@ def test_triton_backend_on_cpu_tensors_says_how_to_run_it():
         cross_entropy(logits, target, backend="triton")
 
 
-def test_auto_sends_cpu_tensors_to_the_fallback(monkeypatch):
+@pytest.mark.parametrize("n, inplace_grad, expected", [(4, False, "aten"), (4, True, "torch"), (20_000, False, "torch")])
+def test_auto_on_cpu_takes_f_cross_entropy_below_the_crossover(monkeypatch, n, inplace_grad, expected):
+    """Small problems go to F.cross_entropy (no Python autograd.Function to pay for), large ones to the fallback."""
     calls = []
-    monkeypatch.setitem(xent._FORWARD, "torch", lambda *args: calls.append(args) or xent._torch_forward(*args))
-    logits, target = make_case(4, 27)
-    cross_entropy(logits, target)
-    assert len(calls) == 1
+    monkeypatch.setitem(xent._FORWARD, "torch", lambda *args: calls.append("torch") or xent._torch_forward(*args))
+    spy = SimpleNamespace(cross_entropy=lambda *args, **kwargs: calls.append("aten") or F.cross_entropy(*args, **kwargs))
+    monkeypatch.setattr(xent, "F", spy)
+    logits, target = make_case(n, 27, ignore="some", batch=(2,))
+    loss = cross_entropy(logits.clone().requires_grad_(), target, reduction="none", label_smoothing=0.1, inplace_grad=inplace_grad)
+    assert calls == [expected]
+    torch.testing.assert_close(loss, F.cross_entropy(logits.transpose(1, 2), target, reduction="none", label_smoothing=0.1))
 
 
 # --- the Triton path in the interpreter ---------------------------------------------------------
