@@ -47,20 +47,28 @@ def make_path(path: str, block_size: int, n: int, t: int, device):
     return conv, Y, lambda: conv(S).reshape(n * t, -1)
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
-def test_train_step(benchmark, measure, device, block_size, path):
-    """Training mode forward + backward, the trainer's step without the optimizer."""
-    model, Y, logits_of = make_path(path, block_size, N, T, device)
-    model.train()
+def forward_backward(model, logits_of, Y):
+    """One unit of training work: zero the gradients, forward, loss, backward."""
 
     def step():
         model.zero_grad(set_to_none=True)
         F.cross_entropy(logits_of(), Y).backward()
 
-    benchmark.group = f"train fwd+bwd, block {block_size}"
-    benchmark.extra_info.update(block_size=block_size, outputs=N * T, nodes=node_count(path, block_size, N, T))
-    measure(benchmark, step)
+    return step
+
+
+def describe(benchmark, group: str, path: str, block_size: int, n: int, t: int) -> None:
+    benchmark.group = group
+    benchmark.extra_info.update(block_size=block_size, outputs=n * t, nodes=node_count(path, block_size, n, t))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_train_step(benchmark, measure, device, block_size, path):
+    """Training mode forward + backward, the trainer's step without the optimizer."""
+    model, Y, logits_of = make_path(path, block_size, N, T, device)
+    describe(benchmark, f"train fwd+bwd, block {block_size}", path, block_size, N, T)
+    measure(benchmark, forward_backward(model.train(), logits_of, Y))
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -74,8 +82,7 @@ def test_eval_forward(benchmark, measure, device, block_size, path):
     def forward():
         return F.cross_entropy(logits_of(), Y)
 
-    benchmark.group = f"eval fwd, block {block_size}"
-    benchmark.extra_info.update(block_size=block_size, outputs=N * T, nodes=node_count(path, block_size, N, T))
+    describe(benchmark, f"eval fwd, block {block_size}", path, block_size, N, T)
     measure(benchmark, forward)
 
 
@@ -84,28 +91,21 @@ def test_per_position_loop(benchmark, measure, device, path):
     """The lecture's one-window-at-a-time loop, eval mode (one window has no batch statistics), at a small size."""
     block_size, n, t = 8, 2, 16
     model, Y, logits_of = make_path(path, block_size, n, t, device)
-    model.eval()
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(logits_of(), Y).backward()
-
-    benchmark.group = f"eval fwd+bwd, block {block_size}, {n * t} outputs"
-    benchmark.extra_info.update(block_size=block_size, outputs=n * t, nodes=node_count(path, block_size, n, t))
-    measure(benchmark, step)
+    describe(benchmark, f"eval fwd+bwd, block {block_size}, {n * t} outputs", path, block_size, n, t)
+    measure(benchmark, forward_backward(model.eval(), logits_of, Y))
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "cached"])
+@pytest.mark.parametrize("mode", ["uncached", "cached"])
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
-def test_generate(benchmark, measure, device, block_size, cached):
+def test_generate(benchmark, measure, device, block_size, mode):
     """16 samples of 64 tokens from an empty context."""
     torch.manual_seed(42)
     model = ConvWaveNet(WaveNetConfig(27, block_size, 24, 128)).to(device).eval()
     start = torch.zeros(16, 0, dtype=torch.int64, device=device)
 
     def generate():
-        return model.generate(start, 64, cached=cached, generator=torch.Generator(device).manual_seed(0))
+        return model.generate(start, 64, cached=mode == "cached", generator=torch.Generator(device).manual_seed(0))
 
     benchmark.group = f"generate 16 x 64 tokens, block {block_size}"
-    benchmark.extra_info.update(block_size=block_size, tokens=16 * 64)
+    benchmark.extra_info.update(block_size=block_size, tokens=16 * 64, baseline=mode == "uncached")
     measure(benchmark, generate)

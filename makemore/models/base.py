@@ -35,9 +35,13 @@ class WindowLM(nn.Module):
         """
         for _ in range(max_new_tokens):
             window = left_pad(idx, self.block_size)[:, -self.block_size :]
-            next_token = sample_next(self(window), temperature=temperature, top_k=top_k, generator=generator)
-            idx = torch.cat([idx, next_token], dim=1)
+            logits = self.next_token_logits(window)
+            idx = torch.cat([idx, sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)], dim=1)
         return idx
+
+    def next_token_logits(self, window: torch.Tensor) -> torch.Tensor:
+        """Logits (N, V) for the token after each window (N, block_size)."""
+        return self(window)
 
 
 def left_pad(idx: torch.Tensor, length: int, value: int = 0) -> torch.Tensor:

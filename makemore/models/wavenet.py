@@ -208,6 +208,9 @@ class ConvWaveNet(_WaveNet):
     def _resolved_impl(self, device: torch.device) -> str:
         return AUTO_IMPL.get(device.type, "matmul") if self.impl == "auto" else self.impl
 
+    def next_token_logits(self, window: torch.Tensor) -> torch.Tensor:
+        return self(window)[:, -1]  # (N, 1, V): a window of block_size tokens has one output
+
     # Cached incremental generation (fast WaveNet generation, Paine et al. 2016): level i + 1 needs
     # level i at t and t - 2^i, so a queue of level i's last 2^i nodes makes each new token cost one
     # node per level. The queues are plain deques of (N, C) tensors, so the steps stay differentiable.
@@ -249,16 +252,13 @@ class ConvWaveNet(_WaveNet):
         """Extend ``idx (N, T0)`` by ``max_new_tokens`` sampled tokens: ``(N, T0 + max_new_tokens)``.
 
         ``cached=False`` re-runs the model on the last ``block_size`` tokens (left-padded with 0)
-        for each token, as ``WindowLM.generate``; ``cached=True`` (eval mode) computes one node per
+        for each token (``WindowLM.generate``); ``cached=True`` (eval mode) computes one node per
         level instead. Both sample through ``sample_next``, so with the same generator they give
         the same tokens.
         """
         sample = dict(temperature=temperature, top_k=top_k, generator=generator)
         if not cached:
-            for _ in range(max_new_tokens):
-                window = left_pad(idx, self.block_size)[:, -self.block_size :]
-                idx = torch.cat([idx, sample_next(self(window)[:, -1], **sample)], dim=1)
-            return idx
+            return super().generate(idx, max_new_tokens, **sample)
         if max_new_tokens == 0:
             return idx
         logits, cache = self.prefill(idx)
