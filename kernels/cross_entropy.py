@@ -432,14 +432,14 @@ def _aten_cross_entropy(logits, target, ignore_index, reduction, label_smoothing
     """F.cross_entropy on the (..., V) layout, with this module's error for a bad target."""
     if logits.device.type != "cpu":
         _check_targets(logits, target, ignore_index)  # a bad target would be a device-side assert
-    target_shape = target.shape
+    rows, row_targets = logits, target
     if logits.dim() != 2:  # F.cross_entropy wants the classes in dim 1; (N, V) skips a view node in the graph
-        logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+        rows, row_targets = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
     try:
         loss = F.cross_entropy(
-            logits, target.long(), ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+            rows, row_targets.long(), ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
     except IndexError:  # on CPU F.cross_entropy checks the targets itself, before reading logits with them
-        _check_targets(logits, target, ignore_index)
+        _check_targets(logits, target, ignore_index)  # names the bad target's position in the caller's shape
         raise
-    return loss.view(target_shape) if reduction == "none" else loss
+    return loss.view(target.shape) if reduction == "none" else loss

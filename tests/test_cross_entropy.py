@@ -329,6 +329,13 @@ def test_out_of_range_target_is_a_clear_error(backend, bad):
         cross_entropy(logits, target, backend=backend)
 
 
+def test_out_of_range_target_names_its_position_in_three_dimensional_targets():
+    logits, target = make_case(5, 27, batch=(2,))
+    target[1, 3] = 27
+    with pytest.raises(ValueError, match=r"target\[1, 3\] = 27 is out of range"):
+        cross_entropy(logits, target)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
