@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cross_entropy
+from makemore.kernels import cross_entropy
 
 N = 4096
 VOCABS = [27, 65, 32768, 50257, 131072]

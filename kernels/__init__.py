@@ -1,4 +1,4 @@
-"""Fused kernels for makemore; see kernels.cross_entropy."""
+"""Fused kernels for makemore; see makemore.kernels.cross_entropy."""
 
 from .cross_entropy import cross_entropy
 

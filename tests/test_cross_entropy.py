@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import cross_entropy
+from makemore.kernels import cross_entropy
 
-xent = importlib.import_module("kernels.cross_entropy")  # the module; `kernels.cross_entropy` is the function
+xent = importlib.import_module("makemore.kernels.cross_entropy")  # the module; `makemore.kernels.cross_entropy` is the function
 
 CUDA_TRITON = xent.triton is not None and torch.cuda.is_available() and not xent.INTERPRET
 TRITON_HERE = xent.INTERPRET or CUDA_TRITON

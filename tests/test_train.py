@@ -4,7 +4,7 @@ import lecture_reference as lecture
 import pytest
 import torch
 
-from kernels.cross_entropy import BACKEND_ENV
+from makemore.kernels.cross_entropy import BACKEND_ENV
 from makemore import checkpoint, data
 from makemore.models import HierarchicalWaveNet, WaveNetConfig
 from makemore.train import CHECKPOINT, METRICS, TrainConfig, config_with, train

@@ -19,7 +19,7 @@ import torch
 
 BOUNDARY = "."
 IGNORE_INDEX = -100
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent.parent / "data"
 
 
 class DataError(Exception):

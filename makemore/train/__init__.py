@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kernels import cross_entropy
+from makemore.kernels import cross_entropy
 
-from . import checkpoint, data
-from .data import IGNORE_INDEX, DataError, Vocab
-from .models import MLP, ConvWaveNet, HierarchicalWaveNet, MLPConfig, NeuralBigram, NGram, WaveNetConfig
+from .. import checkpoint, data
+from ..data import IGNORE_INDEX, DataError, Vocab
+from ..models import MLP, ConvWaveNet, HierarchicalWaveNet, MLPConfig, NeuralBigram, NGram, WaveNetConfig
 
 CHECKPOINT = "ckpt.pt"
 METRICS = "metrics.jsonl"
