@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-FORMAT = "makemore-wavenet/1"
+FORMAT = "makemore-wavenet/2"
 
 
 class CheckpointError(Exception):

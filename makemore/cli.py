@@ -1,30 +1,37 @@
 """The ``makemore`` command: train, sample, eval.
 
-Bad input ends in one line on stderr (what, where, how to fix) and exit code 2, never a traceback.
+``train``'s flags are generated from the config dataclasses (TrainConfig and the models'
+configs): each field is one flag with its type, choices and help. Bad input ends in one line on
+stderr (what, where, how to fix) and exit code 2, never a traceback.
 """
 
 import argparse
 import json
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, train as training
+from . import checkpoint
 from .checkpoint import CheckpointError
-from .data import DataError, Vocab, read_lines
+from .data import DataError, Vocab, load_source
+from .models import build_model
 from .sample import sample_items, sample_text
-from .train import CHECKPOINT, MODELS, RECIPES, TrainConfig
+from .train import CHECKPOINT, RECIPES, TrainConfig, evaluate, make_configs, train
+from .train.config import flag, model_fields
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# What a resumed run may change: how long it goes on and how it reports, never what it trains.
+RESUMABLE = ("max_steps", "max_seconds", "device", "dtype", "compile", "eval_interval", "eval_iters", "eval_max_tokens", "log_interval", "checkpoint_interval")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, ValueError, TypeError, FloatingPointError) as e:
         print(f"makemore {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -36,66 +43,77 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="makemore", description="Character-level language models, from the bigram to the hierarchical WaveNet.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="train a model; prints its losses and a few samples")
-    p.add_argument("--data", help="a registered data set (names, tinyshakespeare) or a path to a text file, one item per line (default: the recipe's, names)")
-    p.add_argument("--kind", choices=("auto", "lines", "stream"), help="lines: one item per line; stream: one text (default: the data set's, lines for a path)")
-    p.add_argument("--out", type=Path, required=True, help="directory for the checkpoint, metrics.jsonl and loss.png")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="lecture", help="starting configuration (default: lecture, the 76,579-parameter WaveNet)")
-    p.add_argument("--model", choices=MODELS)
-    p.add_argument("--block-size", type=int)
-    p.add_argument("--n-embd", type=int)
-    p.add_argument("--n-hidden", type=int)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--lr-decay-step", type=int)
-    p.add_argument("--seq-len", type=int, help="targets per training sequence for sequence models")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--loss", choices=("fused", "torch"), help="fused: kernels.cross_entropy (default); torch: F.cross_entropy")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--checkpoint-every", type=int)
+    p = commands.add_parser("train", help="train a model; prints its losses and a few samples", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="lecture", help="named settings to start from; flags override them")
+    p.add_argument("--out", type=Path, help="directory for the checkpoint, metrics.jsonl and loss.png (default: runs/RECIPE)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where its checkpoint stopped")
     p.add_argument("--force", action="store_true", help="start over even if --out already holds a checkpoint")
-    p.add_argument("--samples", type=int, default=20, help="samples to print after training (default 20)")
+    p.add_argument("--samples", type=int, default=20, help="names to print after training (text: 500 characters; 0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    settings = p.add_argument_group("settings (default: the recipe's, else the value shown)")
+    for f in [*fields(TrainConfig), *model_fields().values()]:
+        _add_flag(settings, f)
     p.set_defaults(run=_train)
 
     p = commands.add_parser("sample", help="sample from a trained model")
     p.add_argument("--out", type=Path, required=True, help="the training run's directory")
-    p.add_argument("-n", "--num-samples", type=int, default=20)
+    p.add_argument("-n", "--num-samples", type=int, default=20, help="names to sample (line data)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int)
-    p.add_argument("--unique", action="store_true", help="skip samples that occur in the training data")
-    p.add_argument("--length", type=int, default=500, help="characters to generate, for models of text streams")
-    p.add_argument("--prompt", default="", help="text to continue, for models of text streams")
+    p.add_argument("--unique", action="store_true", help="skip samples that occur in the training split")
+    p.add_argument("--length", type=int, default=500, help="characters to generate (text data)")
+    p.add_argument("--prompt", default="", help="text to continue (text data)")
     p.set_defaults(run=_sample)
 
     p = commands.add_parser("eval", help="loss of a trained model on each split")
     p.add_argument("--out", type=Path, required=True, help="the training run's directory")
     p.add_argument("--data", help="evaluate on this data set or file instead of the one trained on (same split rules)")
+    p.add_argument("--max-tokens", type=int, help="targets per split at most (default: the run's --eval-max-tokens)")
     p.add_argument("--json", action="store_true", help='print {"train": ..., "val": ..., "test": ...}')
     p.set_defaults(run=_eval)
     return parser
 
 
-def _train(args) -> int:
-    overrides = dict(
-        data=args.data, kind=args.kind, model=args.model, block_size=args.block_size, n_embd=args.n_embd, n_hidden=args.n_hidden,
-        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, lr_decay_step=args.lr_decay_step,
-        seq_len=args.seq_len, seed=args.seed, loss=args.loss, device=args.device, checkpoint_every=args.checkpoint_every,
-    )  # fmt: skip
-    if args.resume:
-        config = training.resumed_config(args.out, max_steps=args.max_steps, device=args.device)
+def _add_flag(group, f) -> None:
+    default = f.default if f.default is not MISSING else None
+    kwargs = dict(dest=f.name, default=None, help=f"{f.metadata['help']} [{default}]")
+    if f.type is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
     else:
-        if (args.out / CHECKPOINT).exists() and not args.force:
-            raise CheckpointError(f"{args.out / CHECKPOINT} already exists; pass --resume to continue that run or --force to start over")
-        config = training.config_with(RECIPES[args.recipe], **overrides)
-    _check_positive(config)
-    result = training.train(config, args.out, resume=args.resume, progress=not args.quiet)
+        kwargs["type"] = f.type
+        kwargs["metavar"] = f.name.upper()
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+            kwargs.pop("metavar")
+    group.add_argument(flag(f.name), **kwargs)
+
+
+def _given_settings(args) -> dict:
+    names = [f.name for f in fields(TrainConfig)] + list(model_fields())
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _train(args) -> int:
+    out = args.out or Path("runs") / args.recipe
+    given = _given_settings(args)
+    if args.resume:
+        state = checkpoint.load(out / CHECKPOINT)
+        changed = sorted(flag(name) for name in given if name not in RESUMABLE)
+        if changed:
+            raise ValueError(f"{', '.join(changed)} cannot change when resuming; only {', '.join(flag(n) for n in RESUMABLE)} can")
+        settings = {**state["config"], **{k: v for k, v in state["model_config"].items() if k != "vocab_size"}, **given}
+    else:
+        if args.samples < 0:
+            raise ValueError(f"--samples must be >= 0, got {args.samples}")
+        if (out / CHECKPOINT).exists() and not args.force:
+            raise CheckpointError(f"{out / CHECKPOINT} already exists; pass --resume to continue that run or --force to start over")
+        settings = {**RECIPES[args.recipe], **given}
+    config, model_config = make_configs(settings)
+    result = train(config, model_config, out, resume=args.resume, progress=not args.quiet)
     print(" ".join(f"{split} {loss:.4f}" for split, loss in result.items()))
     if args.samples:
-        model, state = _load_model(args.out)
+        model, state = load_model(out)
         print("\n".join(_samples(model, state, args.samples, seed=config.seed)))
     return 0
 
@@ -103,31 +121,33 @@ def _train(args) -> int:
 def _sample(args) -> int:
     if args.num_samples < 1:
         raise ValueError(f"-n must be >= 1, got {args.num_samples}")
-    model, state = _load_model(args.out)
-    print(
-        "\n".join(
-            _samples(
-                model, state, args.num_samples, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                unique=args.unique, length=args.length, prompt=args.prompt,
-            )
-        )
+    if args.length < 0:
+        raise ValueError(f"--length must be >= 0, got {args.length}")
+    model, state = load_model(args.out)
+    samples = _samples(
+        model, state, args.num_samples, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+        unique=args.unique, length=args.length, prompt=args.prompt,
     )  # fmt: skip
+    print("\n".join(samples))
     return 0
 
 
 def _eval(args) -> int:
-    model, state = _load_model(args.out)
-    config = training.config_with(TrainConfig(**state["config"]), data=args.data, device="cpu")
-    corpus = training.Corpus(config, vocab=Vocab(state["vocab"]))
-    result = training.evaluate(model, corpus, training.loss_function(config.loss))
+    model, state = load_model(args.out)
+    config = TrainConfig(**state["config"])
+    source = load_source(args.data or config.data, config.kind, seed=config.seed, vocab=Vocab(state["vocab"]))
+    result = evaluate(model, source, max_tokens=args.max_tokens or config.eval_max_tokens)
     print(json.dumps(result) if args.json else " ".join(f"{split} {loss:.4f}" for split, loss in result.items()))
     return 0
 
 
-def _load_model(out_dir: Path):
-    state = checkpoint.load(out_dir / CHECKPOINT)
-    config = TrainConfig(**state["config"])
-    model = training.build_model(config, len(state["vocab"]))
+def load_model(out_dir: Path):
+    """The trained model in ``out_dir`` (eval mode, on the CPU) and its checkpoint."""
+    state = checkpoint.load(Path(out_dir) / CHECKPOINT)
+    settings = {**state["config"], **state["model_config"]}
+    vocab_size = settings.pop("vocab_size")
+    config, model_config = make_configs(settings, vocab_size=vocab_size)
+    model = build_model(config.model, model_config)
     model.load_state_dict(state["model"])
     return model.eval(), state
 
@@ -143,13 +163,5 @@ def _samples(model, state, n, *, seed, temperature=1.0, top_k=None, unique=False
 
 def _training_items(state) -> list[str]:
     config = TrainConfig(**state["config"])
-    path, _ = data.resolve(config.data, kind=config.kind)
-    return data.lecture_split(read_lines(path), seed=config.seed)[0]
+    return load_source(config.data, config.kind, seed=config.seed, vocab=Vocab(state["vocab"])).items["train"]
 
-
-def _check_positive(config: TrainConfig) -> None:
-    for name in ("block_size", "n_embd", "n_hidden", "batch_size", "seq_len", "log_every", "checkpoint_every"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    if config.max_steps < 0:
-        raise ValueError(f"--max-steps must be >= 0, got {config.max_steps}")

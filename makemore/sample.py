@@ -18,7 +18,8 @@ def sample_items(
     max_rounds: int = 50,
     device="cpu",
 ) -> list[str]:
-    """``n`` items (e.g. names), each generated from an empty context until it emits the boundary '.'.
+    """``n`` items (e.g. names), each generated from an empty context until it emits the boundary '.'
+    (or reaches ``max_len`` characters, the longest training item).
 
     Items in ``exclude`` (e.g. the training set) are skipped; batches are drawn until ``n`` new ones
     are found or ``max_rounds`` batches have been drawn.

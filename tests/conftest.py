@@ -10,9 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # for lecture_reference
 
 @pytest.fixture(scope="session")
 def names_path() -> Path:
-    """names.txt through the registry: data/names.txt (.ci/run copies it there) or a download."""
-    path, kind = data.resolve("names")
-    assert kind == "lines"
+    """names.txt as the package ships it (no network)."""
+    path, kind, sha256 = data.resolve("names")
+    assert kind == "lines" and sha256 == data.DATASETS["names"].sha256
     return path
 
 

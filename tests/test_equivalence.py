@@ -1,20 +1,23 @@
 """Every way of computing the WaveNet gives the same outputs.
 
-(a) the lecture's per-position loop, one window at a time; (b) batched windows through
-FlattenConsecutive; (c) ConvWaveNet via F.conv1d; (d) ConvWaveNet via shifted-view matmuls;
-(e) cached incremental steps. In eval mode all five give the same logits, loss and gradients for
-every parameter, at random and at trained weights; hierarchical -> conv -> hierarchical is exact;
-and in training mode ConvWaveNet's BatchNorm statistics cover exactly the nodes that feed a valid
-output, checked against a brute-force reference.
+One model, one parameter set, several evaluation orders: (a) the lecture's per-position loop, one
+window at a time; (b) batched windows through FlattenConsecutive ("windows"), on window batches
+and on sequences; (c) whole sequences via F.conv1d ("conv1d"); (d) whole sequences via
+shifted-view matmuls ("conv"); (e) cached incremental steps. In eval mode all of them give the same
+logits, loss and gradients for every parameter, at random and at trained weights. In training
+mode a window batch takes the same code in every order (bit-identical), the convolution's
+BatchNorm statistics cover exactly the nodes that feed a valid output (brute force), and the fused
+BatchNorm + tanh matches the lecture's composition.
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from makemore.models import ConvWaveNet, FuseBlock, HierarchicalWaveNet, WaveNetConfig
+from makemore.data import IGNORE_INDEX
+from makemore.models import WaveNet, WaveNetConfig
+from makemore.nn import BatchNorm1d, batch_norm_tanh
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max abs diff of unit-scale logits
@@ -50,14 +53,14 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def trained_model(config: WaveNetConfig, steps: int, seed: int = 0) -> HierarchicalWaveNet:
-    """A hierarchical WaveNet after ``steps`` SGD steps in training mode (so BatchNorm's running statistics move)."""
+def trained_model(config: WaveNetConfig, steps: int, seed: int = 0) -> WaveNet:
+    """A WaveNet after ``steps`` SGD steps on windows in training mode (so BatchNorm's running statistics move)."""
     torch.manual_seed(seed)
-    model = HierarchicalWaveNet(config)
+    model = WaveNet(config)
     for _ in range(steps):
         X = torch.randint(0, config.vocab_size, (32, config.block_size))
         Y = (X[:, -1] + X[:, 0]) % config.vocab_size  # something learnable
-        loss = F.cross_entropy(model(X), Y)
+        _, loss = model(X, Y[:, None])
         model.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -70,18 +73,34 @@ def windows(S: torch.Tensor, block_size: int) -> torch.Tensor:
     return S.unfold(1, block_size, 1).reshape(-1, block_size)  # (N·T, B), row n·T + j = S[n, j : j + B]
 
 
-def cached_logits(model: ConvWaveNet, S: torch.Tensor) -> torch.Tensor:
+def cached_logits(model: WaveNet, S: torch.Tensor) -> torch.Tensor:
     """Path (e): the first window by prefill, then one step per further token: (N, T, V)."""
     B = model.block_size
     logits, cache = model.prefill(S[:, :B])
-    steps = [logits] + [model.step(S[:, t], cache) for t in range(B, S.shape[1])]
+    steps = [logits]
+    for t in range(B, S.shape[1]):
+        logits, cache = model.step(S[:, t], cache)
+        steps.append(logits)
     return torch.stack(steps, 1)
+
+
+def in_order(model: WaveNet, order: str, logits_of):
+    """``logits_of`` run with the model in ``order``: the same parameters, another evaluation order."""
+
+    def run():
+        saved, model.order = model.order, order
+        try:
+            return logits_of()
+        finally:
+            model.order = saved
+
+    return run
 
 
 def loss_and_grads(model, logits_of, Y):
     model.zero_grad(set_to_none=True)
-    logits = logits_of().reshape(Y.numel(), -1)  # (N·T, V), in S's row-major order
-    loss = F.cross_entropy(logits, Y.reshape(-1))
+    logits = logits_of().reshape(*Y.shape, -1)  # (N, T, V), in S's row-major order
+    loss = model.loss(logits, Y)
     loss.backward()
     return logits.detach(), loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -90,31 +109,30 @@ def loss_and_grads(model, logits_of, Y):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("steps", [0, 5], ids=["random", "trained"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"block{c[0]}")
-def test_every_path_gives_the_same_logits_loss_and_gradients(case, steps, dtype, device):
+def test_every_order_gives_the_same_logits_loss_and_gradients(case, steps, dtype, device):
     B, n_embd, n_hidden, N, T = case
     h = trained_model(WaveNetConfig(27, B, n_embd, n_hidden), steps).to(device, dtype)
     S = torch.randint(0, 27, (N, B + T - 1), generator=torch.Generator().manual_seed(1)).to(device)
     Y = torch.randint(0, 27, (N, T), generator=torch.Generator().manual_seed(2)).to(device)
     X = windows(S, B)
     with torch.no_grad():  # unit-scale logits, so that the absolute bounds mean what they say
-        h.lm_head.weight /= h(X).std()
+        h.lm_head.weight /= h(X)[0].std()
     if steps:
         assert not any(torch.equal(b.bn.running_var, torch.ones_like(b.bn.running_var)) for b in h.blocks)
-    conv = ConvWaveNet.from_hierarchical(h, impl="conv1d")
-    matmul = ConvWaveNet.from_hierarchical(h, impl="matmul")
 
     paths = {
-        "a: per position": (h, lambda: torch.stack([h(X[[i]])[0] for i in range(len(X))])),
-        "b: windows": (h, lambda: h(X)),
-        "c: conv1d": (conv, lambda: conv(S)),
-        "d: matmul": (matmul, lambda: matmul(S)),
-        "e: cached": (matmul, lambda: cached_logits(matmul, S)),
+        "a: per position": in_order(h, "windows", lambda: torch.cat([h(X[[i]])[0] for i in range(len(X))])),
+        "b: windows": in_order(h, "windows", lambda: h(X)[0]),
+        "b: windows over sequences": in_order(h, "windows", lambda: h(S)[0]),
+        "c: conv1d": in_order(h, "conv1d", lambda: h(S)[0]),
+        "d: conv": in_order(h, "conv", lambda: h(S)[0]),
+        "e: cached": lambda: cached_logits(h, S),
     }
-    ref_logits, ref_loss, ref_grads = loss_and_grads(*paths.pop("b: windows"), Y)
+    ref_logits, ref_loss, ref_grads = loss_and_grads(h, paths.pop("b: windows"), Y)
     assert 0.5 < ref_logits.std() < 2
     assert all(g.abs().max() > 0 for g in ref_grads.values())
-    for name, (model, logits_of) in paths.items():
-        logits, loss, grads = loss_and_grads(model, logits_of, Y)
+    for name, logits_of in paths.items():
+        logits, loss, grads = loss_and_grads(h, logits_of, Y)
         assert (logits - ref_logits).abs().max() <= TOL[dtype], name
         assert (loss - ref_loss).abs() <= TOL[dtype], name
         assert grads.keys() == ref_grads.keys()
@@ -127,61 +145,53 @@ def test_every_path_gives_the_same_logits_loss_and_gradients(case, steps, dtype,
     log_block=st.integers(1, 5),
     T=st.integers(1, 40),
     N=st.integers(1, 3),
-    impl=st.sampled_from(["conv1d", "matmul"]),
+    order=st.sampled_from(["conv1d", "conv"]),
     seed=st.integers(0, 2**16),
 )
-def test_conv_output_j_is_the_window_ending_at_j(log_block, T, N, impl, seed):
+def test_conv_output_j_is_the_window_ending_at_j(log_block, T, N, order, seed):
     """Over the split between convolution levels and per-window levels, which moves with T."""
     B = 2**log_block
-    h = trained_model(WaveNetConfig(11, B, 6, 10), steps=1, seed=seed).double()
+    h = trained_model(WaveNetConfig(11, B, 6, 10, order="windows"), steps=1, seed=seed).double()
     S = torch.randint(0, 11, (N, B + T - 1))
-    expected = h(windows(S, B)).view(N, T, -1)
-    assert (ConvWaveNet.from_hierarchical(h, impl=impl)(S) - expected).abs().max() <= 1e-12
+    expected = h(windows(S, B))[0].view(N, T, -1)
+    h.order = order
+    assert (h(S)[0] - expected).abs().max() <= 1e-12
 
 
 @settings(max_examples=30, deadline=None)
 @given(N=st.integers(1, 3), T=st.integers(2, 20), dilation=st.integers(1, 8), seed=st.integers(0, 2**16))
-def test_dilated_fuses_x_t_with_x_t_plus_dilation(N, T, dilation, seed):
-    """The Linear weight's rows for [left; right] are the conv's two taps, in both implementations."""
+def test_a_level_fuses_x_t_with_x_t_plus_dilation(N, T, dilation, seed):
+    """The Linear weight's rows for [left; right] are the conv's two taps, in both convolution orders."""
     torch.manual_seed(seed)
-    block = FuseBlock(5, 7).double().eval()
-    with torch.no_grad():
-        block.bn.running_mean.normal_()
-        block.bn.running_var.uniform_(0.5, 2.0)
+    model = WaveNet(WaveNetConfig(11, 2, 5, 7)).double()
+    block = model.blocks[0]
     x = torch.randn(N, T + dilation, 5, dtype=torch.float64)
-    expected = torch.stack([block(torch.cat([x[:, t], x[:, t + dilation]], -1)) for t in range(T)], 1)
-    for impl in ("conv1d", "matmul"):
-        assert (block.dilated(x, dilation, impl=impl) - expected).abs().max() <= 1e-12
+    expected = torch.stack([block.linear(torch.cat([x[:, t], x[:, t + dilation]], -1)) for t in range(T)], 1)
+    for order in ("conv1d", "conv"):
+        model.order = order
+        assert (model._dilated_mix(block, x, dilation) - expected).abs().max() <= 1e-12
 
 
-def test_round_trip_is_exact():
-    h = trained_model(WaveNetConfig(), steps=3)
-    conv = ConvWaveNet.from_hierarchical(h)
-    back = conv.to_hierarchical()
-    for model in (conv, back):
-        assert list(model.state_dict()) == list(h.state_dict())
-        for key, value in model.state_dict().items():
-            assert torch.equal(value, h.state_dict()[key]) and value.data_ptr() != h.state_dict()[key].data_ptr(), key
-        assert not model.training
-    X = torch.randint(0, 27, (50, 8))
-    assert torch.equal(back(X), h(X))
-
-
-def test_same_seed_same_weights_and_conversion_leaves_the_rng_alone():
-    torch.manual_seed(42)
-    h = HierarchicalWaveNet(WaveNetConfig())
-    torch.manual_seed(42)
-    conv = ConvWaveNet(WaveNetConfig())
-    assert all(torch.equal(a, b) for a, b in zip(h.parameters(), conv.parameters()))
-    state = torch.get_rng_state()
-    conv.to_hierarchical(), ConvWaveNet.from_hierarchical(h)
-    assert torch.equal(torch.get_rng_state(), state)
+def test_a_window_batch_takes_the_same_code_in_every_order():
+    """T = 1: bit-identical logits, loss, gradients and running statistics, in training mode."""
+    X, Y = torch.randint(0, 27, (64, 8)), torch.randint(0, 27, (64, 1))
+    results = []
+    for order in ("windows", "conv", "conv1d"):
+        torch.manual_seed(42)
+        model = WaveNet(WaveNetConfig(order=order))
+        logits, loss = model(X, Y)
+        loss.backward()
+        results.append((logits, [p.grad for p in model.parameters()], [b.clone() for b in model.buffers()]))
+    for logits, grads, buffers in results[1:]:
+        assert torch.equal(logits, results[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
+        assert all(torch.equal(a, b) for a, b in zip(buffers, results[0][2]))
 
 
 # Training mode: BatchNorm statistics over exactly the nodes that feed a valid output.
 
 
-def brute_force_train_forward(model: ConvWaveNet, S: torch.Tensor, valid: torch.Tensor):
+def brute_force_train_forward(model: WaveNet, S: torch.Tensor, valid: torch.Tensor):
     """Every level at every position, with each level's statistics over the nodes listed one by one
     from every valid output's window; returns the logits (N, T, V) and each level's (mean, var)."""
     B = model.block_size
@@ -206,24 +216,26 @@ def brute_force_train_forward(model: ConvWaveNet, S: torch.Tensor, valid: torch.
 @given(
     log_block=st.integers(1, 4),
     lengths=st.lists(st.integers(1, 20), min_size=1, max_size=4),
-    impl=st.sampled_from(["conv1d", "matmul"]),
+    order=st.sampled_from(["conv1d", "conv"]),
+    fused=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_training_statistics_cover_exactly_the_nodes_of_valid_outputs(log_block, lengths, impl, seed):
-    """Whole names batched as the trainer does: block_size 0s, the name, right padding (any tokens)."""
+def test_training_statistics_cover_exactly_the_nodes_of_valid_outputs(log_block, lengths, order, fused, seed):
+    """Whole names batched as the data pipeline does: block_size 0s, the name, right padding (any tokens)."""
     B = 2**log_block
     T = max(lengths)
     valid = torch.arange(T) < torch.tensor(lengths)[:, None]  # (N, T): a prefix of each row
-    if valid.sum() < 2:
-        return  # one node per level has no unbiased variance
+    if valid.sum() < 2 or T < 2:
+        return  # one node per level has no unbiased variance; T = 1 is a window batch, never masked
     torch.manual_seed(seed)
-    model = ConvWaveNet(WaveNetConfig(11, B, 6, 10), impl=impl).double()
+    model = WaveNet(WaveNetConfig(11, B, 6, 10, order=order, fused=fused)).double()
     S = torch.randint(0, 11, (len(lengths), B + T - 1))
     S[:, : B - 1] = 0
+    targets = torch.randint(0, 11, (len(lengths), T)).masked_fill(~valid, IGNORE_INDEX)
     for block in model.blocks:
         block.bn.momentum = 1.0  # running statistics := this batch's
     expected, stats = brute_force_train_forward(model, S, valid)
-    logits = model(S, valid=valid)
+    logits, _ = model(S, targets)
     assert (logits - expected).abs().max() <= 1e-10
     for block, (mean, var) in zip(model.blocks, stats):
         assert (block.bn.running_mean - mean).abs().max() <= 1e-10
@@ -232,17 +244,43 @@ def test_training_statistics_cover_exactly_the_nodes_of_valid_outputs(log_block,
 
 def test_appending_padding_changes_no_statistics_and_no_valid_output():
     torch.manual_seed(0)
-    model = ConvWaveNet(WaveNetConfig(27, 8, 12, 20)).double()
+    short, long, unmasked = (WaveNet(WaveNetConfig(27, 8, 12, 20)).double() for _ in range(3))
+    long.load_state_dict(short.state_dict())
+    unmasked.load_state_dict(short.state_dict())
     S = torch.randint(0, 27, (4, 8 + 10 - 1))
-    valid = torch.arange(10) < torch.tensor([[10], [3], [7], [1]])
+    targets = torch.randint(0, 27, (4, 10)).masked_fill(torch.arange(10) >= torch.tensor([[10], [3], [7], [1]]), IGNORE_INDEX)
     padded = torch.cat([S, torch.randint(1, 27, (4, 9))], 1)  # garbage on the right: anything but the boundary
-    padded_valid = torch.cat([valid, torch.zeros(4, 9, dtype=torch.bool)], 1)
+    padded_targets = torch.cat([targets, torch.full((4, 9), IGNORE_INDEX)], 1)
 
-    short, long, unmasked = model, *(ConvWaveNet.from_hierarchical(model.to_hierarchical()) for _ in range(2))
-    out_short, out_long = short(S, valid=valid), long(padded, valid=padded_valid)
+    (out_short, loss_short), (out_long, loss_long) = short(S, targets), long(padded, padded_targets)
+    valid = targets != IGNORE_INDEX
     assert (out_short[valid] - out_long[:, :10][valid]).abs().max() <= 1e-12
+    assert (loss_short - loss_long).abs() <= 1e-12
     for a, b in zip(short.buffers(), long.buffers()):
         assert (a - b).abs().max() <= 1e-12
     # ...while counting the padding would have moved them.
-    unmasked(padded)
+    unmasked(padded, torch.randint(0, 27, padded_targets.shape))
     assert (unmasked.blocks[0].bn.running_mean - short.blocks[0].bn.running_mean).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+@pytest.mark.parametrize("shape", [(40, 7), (6, 5, 7)])
+def test_fused_batch_norm_tanh_is_the_lectures_composition(shape, masked):
+    """Values, running statistics and the gradients of input, gain and shift, in float64."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
+    mask = torch.rand(shape[:-1]) < 0.6 if masked else None
+    upstream = torch.randn(*shape, dtype=torch.float64)
+    gain, shift = torch.rand(7, dtype=torch.float64) + 0.5, torch.randn(7, dtype=torch.float64)
+    results = []
+    for fused in (False, True):
+        bn = BatchNorm1d(7).double()
+        with torch.no_grad():
+            bn.weight.copy_(gain)
+            bn.bias.copy_(shift)
+        xi = x.clone().requires_grad_()
+        out = batch_norm_tanh(xi, bn, mask) if fused else torch.tanh(bn(xi, mask))
+        (out * upstream).sum().backward()
+        results.append((out, xi.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)

@@ -1,6 +1,25 @@
-from .base import WindowLM
-from .bigram import NGram, NeuralBigram
-from .mlp import MLP, MLPConfig
-from .wavenet import ConvWaveNet, FuseBlock, HierarchicalWaveNet, WaveNetConfig
+"""Every model keeps one contract (see base.py); MODELS maps the CLI's names to (class, config class)."""
 
-__all__ = ["WindowLM", "NGram", "NeuralBigram", "MLP", "MLPConfig", "FuseBlock", "HierarchicalWaveNet", "ConvWaveNet", "WaveNetConfig"]
+from .base import LanguageModel
+from .mlp import MLP, MLPConfig
+from .ngram import NeuralBigram, NeuralBigramConfig, NGram, NGramConfig
+from .wavenet import ORDERS, TreeBlock, WaveNet, WaveNetConfig
+
+MODELS = {
+    "ngram": (NGram, NGramConfig),
+    "neural-bigram": (NeuralBigram, NeuralBigramConfig),
+    "mlp": (MLP, MLPConfig),
+    "wavenet": (WaveNet, WaveNetConfig),
+}
+
+
+def build_model(name: str, config) -> LanguageModel:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name][0](config)
+
+
+__all__ = [
+    "LanguageModel", "MODELS", "build_model", "NGram", "NGramConfig", "NeuralBigram", "NeuralBigramConfig",
+    "MLP", "MLPConfig", "ORDERS", "TreeBlock", "WaveNet", "WaveNetConfig",
+]  # fmt: skip

@@ -1,0 +1,115 @@
+"""Settings, written once: the dataclasses below are the single source of every option.
+
+``TrainConfig`` holds what the trainer needs; each model has its own config dataclass (models/).
+The CLI's flags are generated from these fields (name, type, help, choices), recipes are small
+named overrides of them, and each dataclass validates itself with one clear error per field.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from ..data import KINDS, LAYOUTS
+from ..models import MODELS
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")
+DTYPES = ("float32", "bfloat16")
+
+
+def option(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = option("names", "a registered data set (names, tinyshakespeare) or a path to a UTF-8 text file")
+    kind: str = option("auto", "lines: one item per line; stream: one text; auto: the data set's (lines for a path)", KINDS)
+    layout: str = option("windows", "windows: one target per row (the lecture's batches); sequences: every position of an item or text window", LAYOUTS)
+    seq_len: int = option(64, "stream data, sequences layout: targets per training row")
+    model: str = option("wavenet", "the model", tuple(MODELS))
+    # optimisation
+    optimizer: str = option("sgd", "sgd: the lecture's p -= lr * grad; adamw: decoupled weight decay on matrices only", OPTIMIZERS)
+    lr: float = option(0.1, "peak learning rate")
+    min_lr: float = option(0.01, "step schedule: the rate after the decay; cosine: the floor it decays to")
+    schedule: str = option("step", "step: lr, then min_lr from --decay-at on; cosine: linear warm-up, then cosine decay to min_lr", SCHEDULES)
+    decay_at: float = option(0.75, "step schedule: the fraction of the run after which min_lr applies")
+    warmup: float = option(0.0, "cosine schedule: the fraction of the run spent warming up")
+    weight_decay: float = option(0.0, "adamw: weight decay of the matrices")
+    beta1: float = option(0.9, "adamw: beta1")
+    beta2: float = option(0.99, "adamw: beta2")
+    grad_clip: float = option(0.0, "clip the gradient's global norm to this (0: no clipping)")
+    batch_size: int = option(32, "rows per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimiser step")
+    max_steps: int = option(200_000, "optimiser steps")
+    max_seconds: float = option(0.0, "stop training after this many seconds (0: no limit); the schedule then follows time")
+    # evaluation, logging, checkpoints
+    eval_interval: int = option(0, "estimate train/val loss every this many steps (0: only at the end)")
+    eval_iters: int = option(20, "random batches per estimate")
+    eval_max_tokens: int = option(2_000_000, "the final evaluation covers each split exhaustively up to this many targets, an even subset above")
+    log_interval: int = option(1000, "log the training loss every this many steps")
+    checkpoint_interval: int = option(10_000, "save a checkpoint every this many steps")
+    # system
+    seed: int = option(42, "seed of the split, the initialisation and the batches")
+    device: str = option("cpu", "cpu, cuda, cuda:1, ...")
+    dtype: str = option("float32", "bfloat16: autocast matmuls to bfloat16", DTYPES)
+    compile: bool = option(False, "torch.compile the model (falls back to eager with a message where it cannot)")
+
+    def __post_init__(self):
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_iters", "eval_max_tokens", "log_interval", "checkpoint_interval"):
+            _at_least(self, name, 1)
+        for name in ("max_steps", "max_seconds", "eval_interval", "weight_decay", "grad_clip", "min_lr"):
+            _at_least(self, name, 0)
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        for name in ("decay_at", "warmup", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{flag(name)} must be in [0, 1], got {getattr(self, name)}")
+
+
+def _at_least(config, name: str, low) -> None:
+    if getattr(config, name) < low:
+        raise ValueError(f"{flag(name)} must be >= {low}, got {getattr(config, name)}")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def model_fields() -> dict[str, dataclasses.Field]:
+    """Every model config's fields but vocab_size, by name (a field shared by several models is one flag)."""
+    found: dict[str, dataclasses.Field] = {}
+    for _, config_cls in MODELS.values():
+        for f in fields(config_cls):
+            if f.name != "vocab_size":
+                found.setdefault(f.name, f)
+    return found
+
+
+def split_overrides(overrides: dict) -> tuple[dict, dict]:
+    """Split flat ``name: value`` settings into TrainConfig's and the models' (None: not given)."""
+    train_names = {f.name for f in fields(TrainConfig)}
+    model_names = set(model_fields())
+    unknown = set(overrides) - train_names - model_names
+    if unknown:
+        raise ValueError(f"unknown options: {', '.join(sorted(flag(n) for n in unknown))}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return {k: v for k, v in given.items() if k in train_names}, {k: v for k, v in given.items() if k in model_names}
+
+
+def make_configs(settings: dict, vocab_size: int | None = None):
+    """(TrainConfig, the model's config) from flat settings; model options the model does not have are an error."""
+    train_settings, model_settings = split_overrides(settings)
+    config = TrainConfig(**train_settings)
+    config_cls = MODELS[config.model][1]
+    own = {f.name for f in fields(config_cls)}
+    foreign = set(model_settings) - own
+    if foreign:
+        raise ValueError(f"the {config.model} model has no {', '.join(sorted(flag(n) for n in foreign))}")
+    if vocab_size is not None:
+        model_settings["vocab_size"] = vocab_size
+    return config, config_cls(**model_settings)
