@@ -43,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="makemore", description="Character-level language models, from the bigram to the hierarchical WaveNet.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="train a model; prints its losses and a few samples", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="lecture", help="named settings to start from; flags override them")
+    p = commands.add_parser("train", help="train a model; prints its losses and a few samples")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="lecture", help="named settings to start from; flags override them (default: lecture)")
     p.add_argument("--out", type=Path, help="directory for the checkpoint, metrics.jsonl and loss.png (default: runs/RECIPE)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where its checkpoint stopped")
     p.add_argument("--force", action="store_true", help="start over even if --out already holds a checkpoint")

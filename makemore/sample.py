@@ -49,6 +49,6 @@ def sample_text(
     device="cpu",
 ) -> str:
     """``prompt`` continued by ``length`` sampled characters, for models of stream data."""
-    idx = vocab.encode(prompt, where="--prompt")[None, :].to(device)
+    idx = vocab.encode(prompt, where="--prompt")[None, :].to(device, torch.int64)
     out = model.generate(idx, length, temperature=temperature, top_k=top_k, generator=generator)
     return vocab.decode(out[0].tolist())

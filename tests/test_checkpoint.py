@@ -58,5 +58,5 @@ def test_missing_or_corrupt_checkpoint(tmp_path, content, message):
 
 def test_a_foreign_torch_file_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "ckpt.pt")
-    with pytest.raises(CheckpointError, match="not a makemore-wavenet/1 checkpoint"):
+    with pytest.raises(CheckpointError, match="not a makemore-wavenet/2 checkpoint"):
         checkpoint.load(tmp_path / "ckpt.pt")

@@ -22,6 +22,27 @@ def run(*argv):
     return subprocess.run([sys.executable, "-m", "makemore", *map(str, argv)], capture_output=True, text=True, timeout=300)
 
 
+def test_stream_data_trains_and_samples_without_a_prompt(tmp_path, capsys):
+    """tinyshakespeare ships with the package; a text model samples from an empty prompt."""
+    out = tmp_path / "shakespeare"
+    argv = ["train", "--data", "tinyshakespeare", "--out", str(out), "--max-steps", "20", "--batch-size", "8", "--quiet"]
+    assert main([*argv, "--samples", "1", "--eval-max-tokens", "2000"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("train ") and " val " in printed and len(printed.splitlines()[1:]) > 0
+    assert main(["sample", "--out", str(out), "--length", "100"]) == 0
+    assert len(capsys.readouterr().out) == 101  # 100 characters and print's newline
+    assert main(["sample", "--out", str(out), "--length", "20", "--prompt", "ROMEO:"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_flags_come_from_the_configs():
+    from makemore.cli import _parser
+
+    helps = _parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for option in ("--optimizer {sgd,adamw}", "--max-seconds", "--eval-max-tokens", "--order {conv,conv1d,windows}", "--fused, --no-fused", "--grad-accum", "--compile, --no-compile"):
+        assert option in helps, option
+
+
 def test_train_prints_losses_and_samples(tmp_path):
     result = run("train", "--data", "names", "--out", tmp_path / "run", "--max-steps", "200", "--quiet", "--samples", "5")
     assert result.returncode == 0, result.stderr
@@ -90,8 +111,11 @@ def test_training_never_overwrites_a_trained_model_silently(trained, capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--block-size", "6"], "block_size must be a power of two"),
+        (["--block-size", "6"], "--block-size must be a power of two"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--warmup", "2"], "--warmup must be in [0, 1]"),
+        (["--model", "mlp", "--order", "conv"], "the mlp model has no --order"),
         (["--kind", "stream", "--data", "names", "--block-size", "1048576"], "fewer than a window of 1048577"),
     ],
 )

@@ -45,43 +45,72 @@ def test_lecture_split_is_random_seed_42_shuffle(names):
 
 @pytest.mark.parametrize("block_size, sizes", [(8, (182625, 22655, 22866)), (3, (182625, 22655, 22866))])
 def test_split_window_counts(names, names_vocab, block_size, sizes):
-    splits = data.lecture_split(names)
-    got = tuple(data.build_windows(split, names_vocab, block_size)[0].shape[0] for split in splits)
-    assert got == sizes
+    source = data.LineSource(names, names_vocab)
+    assert tuple(source.windows(split, block_size)[0].shape[0] for split in ("train", "val", "test")) == sizes
+    assert tuple(source.n_targets(split) for split in ("train", "val", "test")) == sizes
 
 
 @pytest.mark.parametrize("block_size", [1, 3, 8, 16])
 def test_windows_match_the_lectures_character_loop(names, names_vocab, block_size):
-    words = data.lecture_split(names)[1]
-    X, Y = data.build_windows(words, names_vocab, block_size)
-    X_ref, Y_ref = lecture_build_dataset(words, names_vocab.stoi, block_size)
-    assert torch.equal(X, X_ref) and torch.equal(Y, Y_ref)
-    assert X.dtype == Y.dtype == torch.int64
+    X, Y = data.LineSource(names, names_vocab).windows("val", block_size)
+    X_ref, Y_ref = lecture_build_dataset(data.lecture_split(names)[1], names_vocab.stoi, block_size)
+    assert torch.equal(X.long(), X_ref) and torch.equal(Y.long(), Y_ref)
+    assert X.dtype == Y.dtype == torch.uint8  # compact; widened per batch
 
 
-def test_padded_sequences_hold_exactly_the_windows(names, names_vocab):
-    block_size = 8
-    words = names[:50]
-    S, targets = data.padded_sequences(words, names_vocab, block_size)
-    X, Y = data.build_windows(words, names_vocab, block_size)
-    valid = targets != IGNORE_INDEX
-    assert S.shape == (50, block_size + max(map(len, words)))
-    assert targets.shape == (50, S.shape[1] - block_size + 1)
-    assert torch.equal(S.unfold(1, block_size, 1)[valid], X)
-    assert torch.equal(targets[valid], Y)
-    assert valid.sum(1).tolist() == [len(w) + 1 for w in words]
+@pytest.mark.parametrize("R", [1, 8])
+def test_sequence_batches_hold_exactly_the_windows(names, names_vocab, R):
+    """Whole items, left-padded with R zeros, right-padded to one fixed width: the same (window, target) pairs."""
+    source = data.LineSource(names[:200], names_vocab)
+    batches = list(source.eval_batches("val", R, batch_tokens=64, max_tokens=10**9))
+    assert len(batches) > 1 and {b.idx.shape[1] for b in batches} == {R + source.max_len}
+    windows = torch.cat([b.idx.unfold(1, R, 1)[b.targets != IGNORE_INDEX] for b in batches])
+    targets = torch.cat([b.targets[b.targets != IGNORE_INDEX] for b in batches])
+    X, Y = source.windows("val", R)
+    assert torch.equal(windows, X.long()) and torch.equal(targets, Y.long())
+    valid = torch.cat([(b.targets != IGNORE_INDEX).sum(1) for b in batches])
+    assert valid.tolist() == [len(w) + 1 for w in source.items["val"]]
 
 
-def test_stream_split_and_random_windows():
-    ids = torch.arange(1000)
-    train, val = data.stream_split(ids)
-    assert len(train) == 900 and torch.equal(torch.cat([train, val]), ids)
-    w = data.random_windows(train, 16, 33, torch.Generator().manual_seed(0))
-    assert w.shape == (16, 33)
-    assert torch.equal(w[:, 1:] - w[:, :-1], torch.ones(16, 32, dtype=torch.int64))
-    assert int(w.max()) < 900
-    with pytest.raises(DataError, match="fewer than a window"):
-        data.random_windows(train[:10], 1, 11)
+def test_random_batches_in_both_layouts(names, names_vocab):
+    source = data.LineSource(names, names_vocab)
+    g = torch.Generator().manual_seed(0)
+    windows = source.batch("train", 16, "windows", 8, g)
+    assert windows.idx.shape == (16, 8) and windows.targets.shape == (16, 1) and windows.idx.dtype == torch.int64
+    sequences = source.batch("train", 16, "sequences", 8, g)
+    assert sequences.idx.shape == (16, 8 + 15) and sequences.targets.shape == (16, 16)  # fixed width: the longest name, 15
+
+
+def test_stream_batches_and_bounded_evaluation():
+    source = data.StreamSource(torch.arange(1000) % 200, Vocab([chr(65 + i) for i in range(200)]))
+    train = source.ids["train"]
+    assert len(train) == 900 and len(source.ids["val"]) == 100
+    g = torch.Generator().manual_seed(0)
+    b = source.batch("train", 16, "sequences", 8, g, seq_len=25)
+    assert b.idx.shape == (16, 32) and b.targets.shape == (16, 25)
+    assert torch.equal(b.targets, b.idx[:, 7:] + 1 - 200 * (b.idx[:, 7:] == 199))  # the next token of the text
+    w = source.batch("train", 16, "windows", 8, g)
+    assert w.idx.shape == (16, 8) and w.targets.shape == (16, 1)
+    every = list(source.eval_batches("val", 8, batch_tokens=10**6, max_tokens=10**9))
+    valid = torch.cat([bt.targets[bt.targets != IGNORE_INDEX] for bt in every])
+    assert torch.equal(valid, source.ids["val"][8:].long())  # every target after the first R, once
+    with pytest.raises(DataError, match="fewer than a window of 101"):
+        source.batch("val", 1, "sequences", 8, g, seq_len=93)
+
+
+def test_bounded_evaluation_spreads_over_the_split():
+    ids = torch.randint(0, 5, (200_000,))
+    source = data.StreamSource(ids, Vocab(list("abcde")))
+    chunks = list(source.eval_batches("train", 8, batch_tokens=4096, max_tokens=10_000))
+    n = sum(int((b.targets != IGNORE_INDEX).sum()) for b in chunks)
+    assert 9_000 <= n <= 10_000
+
+
+def test_stream_ids_are_compact(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("hello world\n" * 100)
+    source = data.load_source(str(path), "stream")
+    assert source.ids["train"].dtype == torch.uint8
 
 
 @settings(max_examples=50, deadline=None)
@@ -174,8 +203,9 @@ def test_download_checks_sha256_and_saves(tmp_path, fake_download, monkeypatch):
     payload = b"anna\nbob\n"
     monkeypatch.setitem(data.DATASETS, "tiny", fake_info(payload))
     fake_download(payload)
-    path, kind = data.resolve("tiny", data_dir=tmp_path)
+    path, kind, sha256 = data.resolve("tiny", data_dir=tmp_path)
     assert path == tmp_path / "tiny.txt" and path.read_bytes() == payload and kind == "lines"
+    assert sha256 == data.DATASETS["tiny"].sha256
 
 
 def test_download_with_wrong_sha256_saves_nothing(tmp_path, fake_download, monkeypatch):

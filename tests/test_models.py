@@ -1,9 +1,14 @@
+"""The model contract, parameter counts, the lecture's model, count models, and generation."""
+
 import lecture_reference as lecture
 import pytest
 import torch
 import torch.nn.functional as F
 
-from makemore.models import MLP, HierarchicalWaveNet, MLPConfig, NeuralBigram, NGram, WaveNetConfig
+from makemore.data import IGNORE_INDEX, Batch
+from makemore.models import MLP, MLPConfig, NeuralBigram, NeuralBigramConfig, NGram, NGramConfig, WaveNet, WaveNetConfig
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def n_params(model):
@@ -13,20 +18,48 @@ def n_params(model):
 @pytest.mark.parametrize(
     "model, count",
     [
-        (lambda: HierarchicalWaveNet(WaveNetConfig(27, 8, 24, 128)), 76_579),  # the lecture's final model
-        (lambda: HierarchicalWaveNet(WaveNetConfig(27, 8, 10, 68)), 22_397),  # the 22K hierarchical row
+        (lambda: WaveNet(WaveNetConfig(27, 8, 24, 128)), 76_579),  # the lecture's final model
+        (lambda: WaveNet(WaveNetConfig(27, 8, 10, 68)), 22_397),  # the 22K hierarchical row
         (lambda: MLP(MLPConfig(27, 3, 10, 200)), 12_097),  # the original 3-character MLP
         (lambda: MLP(MLPConfig(27, 8, 10, 200)), 22_097),  # the flat 8-character MLP
-        (lambda: NeuralBigram(27), 729),
+        (lambda: NeuralBigram(NeuralBigramConfig(27)), 729),
     ],
 )
 def test_parameter_counts(model, count):
     assert n_params(model()) == count
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: NGram(NGramConfig(27, n=3)),
+        lambda: NeuralBigram(NeuralBigramConfig(27)),
+        lambda: MLP(MLPConfig(27, 3, 10, 20)),
+        lambda: WaveNet(WaveNetConfig(27, 8, 6, 10)),
+        lambda: WaveNet(WaveNetConfig(27, 8, 6, 10, order="windows")),
+    ],
+    ids=["trigram", "bigram-nn", "mlp", "wavenet", "wavenet-windows"],
+)
+def test_every_model_keeps_the_contract(make):
+    """forward(idx (N, L), targets (N, T)) -> (logits (N, T, V), loss), T = L - R + 1; output j is the window ending at j + R - 1."""
+    torch.manual_seed(0)
+    model = make().eval()
+    R = model.receptive_field
+    idx = torch.randint(0, 27, (3, R + 9))
+    targets = torch.randint(0, 27, (3, 10)).masked_fill(torch.rand(3, 10) < 0.3, IGNORE_INDEX)
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 10, 27)
+    assert model(idx)[1] is None
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+    for j in (0, 4, 9):
+        torch.testing.assert_close(model(idx[:, j : j + R])[0][:, 0], logits[:, j], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=f"sees {R} tokens per prediction; got sequences of {R - 1} \\(left-pad"):
+        model(idx[:, : R - 1])
+
+
 @pytest.mark.parametrize("block_size", [0, 1, 3, 6, 12])
 def test_wavenet_block_size_must_be_a_power_of_two(block_size):
-    with pytest.raises(ValueError, match=f"power of two >= 2.*got {block_size}"):
+    with pytest.raises(ValueError, match=f"--block-size must be a power of two >= 2.*got {block_size}"):
         WaveNetConfig(block_size=block_size)
 
 
@@ -34,14 +67,15 @@ def test_wavenet_is_the_lectures_model_at_init_and_after_steps():
     X = torch.randint(0, 27, (500, 8))
     Y = torch.randint(0, 27, (500,))
     torch.manual_seed(42)
-    ours = HierarchicalWaveNet(WaveNetConfig())
+    ours = WaveNet(WaveNetConfig())
     torch.manual_seed(42)
     theirs = lecture.hierarchical(27)
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
     for step in range(3):
         ix = slice(step * 32, (step + 1) * 32)
         for model, params in ((ours, list(ours.parameters())), (theirs, theirs.parameters())):
-            loss = F.cross_entropy(model(X[ix]), Y[ix])
+            logits = model(X[ix], Y[ix, None])[0][:, 0] if model is ours else model(X[ix])
+            loss = F.cross_entropy(logits, Y[ix])
             for p in params:
                 p.grad = None
             loss.backward()
@@ -51,33 +85,34 @@ def test_wavenet_is_the_lectures_model_at_init_and_after_steps():
     ours.eval()
     for layer in theirs.layers:
         layer.training = False
-    assert torch.equal(ours(X), theirs(X))
+    assert torch.equal(ours(X)[0][:, 0], theirs(X))
 
 
-def test_wavenet_rejects_wrong_window_shape_and_token_ids():
-    model = HierarchicalWaveNet(WaveNetConfig())
-    with pytest.raises(ValueError, match=r"windows \(N, 8\), got shape \(2, 7\)"):
-        model(torch.zeros(2, 7, dtype=torch.int64))
-    with pytest.raises(ValueError, match="token id 27 is out of range for a vocabulary of 27"):
-        model(torch.full((2, 8), 27))
-    with pytest.raises(ValueError, match="token id -1 is out of range"):
-        model(torch.full((2, 8), -1))
+def windows_batch(X, Y):
+    return [Batch(X, Y[:, None])]
 
 
 def test_bigram_counts_are_the_lectures():
     X = torch.tensor([[0], [1], [1], [2], [0]])
     Y = torch.tensor([1, 2, 2, 0, 1])
-    model = NGram(3, order=2, smoothing=1.0).fit(X, Y)
+    model = NGram(NGramConfig(3, n=2, smoothing=1.0)).fit(windows_batch(X, Y))
     expected = torch.tensor([[0.0, 2, 0], [0, 0, 2], [1, 0, 0]]) + 1
     expected = expected / expected.sum(1, keepdim=True)
-    torch.testing.assert_close(model(torch.tensor([[0], [1], [2]])).exp(), expected)
+    torch.testing.assert_close(model(torch.tensor([[0], [1], [2]]))[0][:, 0].exp(), expected)
+
+
+def test_counts_skip_ignored_targets_and_slide_over_sequences():
+    idx = torch.tensor([[1, 2, 1, 2]])
+    targets = torch.tensor([[2, 1, IGNORE_INDEX]])  # contexts (1,2)->1... order 2: pairs 1->2, 2->1, (1->ignored)
+    model = NGram(NGramConfig(3, n=2, smoothing=0.0)).fit([Batch(idx[:, :3], targets)])
+    assert model.counts[1, 2] == 1 and model.counts[2, 1] == 1 and model.counts.sum() == 2
 
 
 def test_trigram_conditions_on_two_characters():
     X = torch.tensor([[1, 2], [2, 1], [1, 2]])
     Y = torch.tensor([0, 0, 1])
-    model = NGram(3, order=3, smoothing=0.0).fit(X, Y)
-    probs = model(torch.tensor([[1, 2], [2, 1]])).exp()
+    model = NGram(NGramConfig(3, n=3, smoothing=0.0)).fit(windows_batch(X, Y))
+    probs = model(torch.tensor([[1, 2], [2, 1]]))[0][:, 0].exp()
     torch.testing.assert_close(probs, torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]))
 
 
@@ -85,18 +120,41 @@ def test_neural_bigram_learns_the_count_model():
     torch.manual_seed(0)
     X = torch.randint(0, 5, (2000, 1))
     Y = (X[:, 0] * 2 + torch.randint(0, 2, (2000,))) % 5
-    counts = NGram(5, order=2, smoothing=0.0).fit(X, Y)
-    net = NeuralBigram(5).fit(X, Y, steps=300, lr=10.0, weight_decay=0.0)
-    assert F.cross_entropy(net(X), Y) < F.cross_entropy(counts(X), Y) + 0.01
+    counts = NGram(NGramConfig(5, n=2, smoothing=0.0)).fit(windows_batch(X, Y))
+    net = NeuralBigram(NeuralBigramConfig(5)).fit(windows_batch(X, Y), steps=300, lr=10.0, weight_decay=0.0)
+    assert net(X, Y[:, None])[1] < counts(X, Y[:, None])[1] + 0.01
 
 
 def test_generate_extends_and_is_reproducible():
     torch.manual_seed(0)
-    model = HierarchicalWaveNet(WaveNetConfig()).eval()
+    model = WaveNet(WaveNetConfig()).eval()
     start = torch.zeros(4, 0, dtype=torch.int64)
     a = model.generate(start, 12, generator=torch.Generator().manual_seed(7))
     b = model.generate(start, 12, generator=torch.Generator().manual_seed(7))
     assert a.shape == (4, 12) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size, T0", [(8, 0), (8, 3), (8, 20), (64, 5)])
+def test_cached_and_rerun_generation_give_the_same_tokens(device, block_size, T0):
+    torch.manual_seed(0)
+    model = WaveNet(WaveNetConfig(block_size=block_size)).to(device).eval()
+    with torch.no_grad():
+        model.lm_head.weight *= 10  # sharper distributions than at init: sampling is then a stricter check
+    idx = torch.randint(1, 27, (5, T0), device=device)
+    outs = []
+    for order, cached in (("windows", False), ("conv", False), ("conv", True)):
+        model.order = order
+        generator = torch.Generator(device).manual_seed(7)
+        outs.append(model.generate(idx, 30, temperature=0.9, top_k=10, generator=generator, cached=cached))
+    assert outs[0].shape == (5, T0 + 30) and torch.equal(outs[0][:, :T0], idx)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+def test_generate_nothing_returns_the_context():
+    model = WaveNet(WaveNetConfig()).eval()
+    idx = torch.randint(0, 27, (2, 5))
+    assert torch.equal(model.generate(idx, 0), idx)
 
 
 def test_generate_top_k_1_is_greedy():
@@ -104,7 +162,7 @@ def test_generate_top_k_1_is_greedy():
     model = MLP(MLPConfig()).eval()
     idx = torch.randint(0, 27, (5, 3))
     out = model.generate(idx, 1, top_k=1)
-    assert torch.equal(out[:, -1], model(idx).argmax(-1))
+    assert torch.equal(out[:, -1], model(idx)[0][:, -1].argmax(-1))
 
 
 @pytest.mark.parametrize("kwargs, message", [({"temperature": 0.0}, "temperature must be > 0"), ({"top_k": 0}, "top_k must be >= 1")])
@@ -112,3 +170,13 @@ def test_generate_rejects_bad_sampling_options(kwargs, message):
     model = MLP(MLPConfig()).eval()
     with pytest.raises(ValueError, match=message):
         model.generate(torch.zeros(1, 0, dtype=torch.int64), 1, **kwargs)
+
+
+def test_generation_errors():
+    model = WaveNet(WaveNetConfig())
+    with pytest.raises(ValueError, match=r"call model.eval\(\) first"):
+        model.generate(torch.zeros(1, 0, dtype=torch.int64), 3)
+    with pytest.raises(ValueError, match="token id 30 is out of range for a vocabulary of 27"):
+        model.eval().generate(torch.full((1, 4), 30), 3)
+    with pytest.raises(ValueError, match="--order must be one of conv, conv1d, windows, got 'fft'"):
+        WaveNetConfig(order="fft")

@@ -88,8 +88,8 @@ def test_a_time_budget_stops_training(tmp_path):
 @pytest.mark.parametrize(
     "settings",
     [
-        dict(model="ngram", order=2, max_steps=0),
-        dict(model="ngram", order=3, max_steps=0),
+        dict(model="ngram", n=2, max_steps=0),
+        dict(model="ngram", n=3, max_steps=0),
         dict(model="neural-bigram", max_steps=0),
         dict(model="mlp", block_size=3, n_embd=10, n_hidden=200, max_steps=300),
         dict(model="mlp", block_size=3, n_embd=10, n_hidden=200, max_steps=300, layout="sequences", batch_size=8),

@@ -82,6 +82,9 @@ class LineSource:
     def n_targets(self, split: str) -> int:
         return int(self._encoded[split][1].sum()) + len(self.items[split])
 
+    def check(self, layout: str, R: int, seq_len: int) -> None:
+        """Items are left-padded to any receptive field: nothing can be too short."""
+
     def batch(self, split: str, batch_size: int, layout: str, R: int, generator: torch.Generator, seq_len: int = 0) -> Batch:
         """A random batch: ``batch_size`` windows, or ``batch_size`` whole items (``seq_len`` unused: items are whole)."""
         if layout == "windows":
@@ -121,6 +124,12 @@ class StreamSource:
 
     def n_targets(self, split: str) -> int:
         return len(self.ids[split])
+
+    def check(self, layout: str, R: int, seq_len: int) -> None:
+        """One clear error, before any training, if a split is too short for the batches or the evaluation."""
+        self._check_span("train", R + (1 if layout == "windows" else seq_len))
+        for split in self.splits:
+            self._check_span(split, R + 1)
 
     def _check_span(self, split: str, span: int) -> None:
         if len(self.ids[split]) < span:

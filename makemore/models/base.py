@@ -12,6 +12,8 @@ are made (encoding, the CLI, ``generate``'s prompt), not in ``forward``, and not
 re-run through ``forward`` for each new token; the WaveNet overrides both with one queue per level.
 """
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -66,18 +68,24 @@ class LanguageModel(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        cached: bool = True,
     ) -> torch.Tensor:
-        """Extend ``idx (N, T0)`` by ``max_new_tokens`` sampled tokens: ``(N, T0 + max_new_tokens)``."""
+        """Extend ``idx (N, T0)`` by ``max_new_tokens`` sampled tokens: ``(N, T0 + max_new_tokens)``.
+
+        ``cached=False`` uses the default cache whatever the model (re-run the last R tokens per
+        token), so the two can be compared: with the same generator they give the same tokens.
+        """
         check_sampling(temperature, top_k)
         self.check_tokens(idx)
         if max_new_tokens == 0:
             return idx
-        logits, cache = self.prefill(idx)
+        prefill, step = (self.prefill, self.step) if cached else (partial(LanguageModel.prefill, self), partial(LanguageModel.step, self))
+        logits, cache = prefill(idx)
         new = []
         for i in range(max_new_tokens):
             new.append(sample_next(logits, temperature=temperature, top_k=top_k, generator=generator))  # (N, 1)
             if i + 1 < max_new_tokens:
-                logits, cache = self.step(new[-1][:, 0], cache)
+                logits, cache = step(new[-1][:, 0], cache)
         return torch.cat([idx, *new], dim=1)
 
 

@@ -13,18 +13,18 @@ from .base import LanguageModel, sliding_windows
 @dataclass
 class NGramConfig:
     vocab_size: int = 27
-    order: int = field(default=2, metadata={"help": "n-gram: predict from the previous order - 1 tokens (2: bigram, 3: trigram)"})
-    smoothing: float = field(default=1.0, metadata={"help": "n-gram: add-k smoothing of the counts"})
+    n: int = field(default=2, metadata={"help": "ngram: predict from the previous n - 1 tokens (2: bigram, 3: trigram)"})
+    smoothing: float = field(default=1.0, metadata={"help": "ngram: add-k smoothing of the counts"})
 
     def __post_init__(self):
-        if self.order < 2:
-            raise ValueError(f"--order must be >= 2 (a bigram or longer), got {self.order}")
+        if self.n < 2:
+            raise ValueError(f"--n must be >= 2 (a bigram or longer), got {self.n}")
         if self.smoothing < 0:
             raise ValueError(f"--smoothing must be >= 0, got {self.smoothing}")
 
 
 class NGram(LanguageModel):
-    """P(next | previous order-1 tokens) from counts with add-k smoothing; ``fit`` replaces training.
+    """P(next | previous n-1 tokens) from counts with add-k smoothing; ``fit`` replaces training.
 
     Logits are log-probabilities.
     """
@@ -33,7 +33,7 @@ class NGram(LanguageModel):
         super().__init__()
         self.config = config
         self.vocab_size = config.vocab_size
-        self.receptive_field = config.order - 1
+        self.receptive_field = config.n - 1
         self.register_buffer("counts", torch.zeros(config.vocab_size**self.receptive_field, config.vocab_size))
 
     def _context_index(self, idx: torch.Tensor) -> torch.Tensor:
@@ -56,6 +56,7 @@ class NGram(LanguageModel):
         return self
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        self.outputs(idx.shape[1])
         counts = self.counts[self._context_index(idx)] + self.config.smoothing  # (N, T, V)
         logits = counts.log() - counts.sum(-1, keepdim=True).log()
         return logits, self.loss(logits, targets)
@@ -77,6 +78,7 @@ class NeuralBigram(LanguageModel):
         self.weight = nn.Parameter(torch.randn(config.vocab_size, config.vocab_size))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        self.outputs(idx.shape[1])
         logits = self.weight[idx]  # (N, L, V): R = 1, so T = L
         return logits, self.loss(logits, targets)
 

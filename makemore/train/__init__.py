@@ -19,8 +19,8 @@ RECIPES = {
     "mlp8": dict(model="mlp", block_size=8, n_embd=10, n_hidden=200),  # 22K params: 2.027
     "wavenet22k": dict(n_embd=10, n_hidden=68),  # 22K params, with the 3-D BatchNorm: 2.022
     # Lectures 1 and 2: counts, and the bigram as one linear layer.
-    "bigram": dict(model="ngram", order=2, max_steps=0),
-    "trigram": dict(model="ngram", order=3, max_steps=0),
+    "bigram": dict(model="ngram", n=2, max_steps=0),
+    "trigram": dict(model="ngram", n=3, max_steps=0),
     "bigram-nn": dict(model="neural-bigram", max_steps=0),
 }
 

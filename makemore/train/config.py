@@ -86,6 +86,8 @@ def model_fields() -> dict[str, dataclasses.Field]:
     for _, config_cls in MODELS.values():
         for f in fields(config_cls):
             if f.name != "vocab_size":
+                if f.name in found and found[f.name].type is not f.type:
+                    raise TypeError(f"model option {f.name!r} has two types ({found[f.name].type}, {f.type}): one flag cannot serve both")
                 found.setdefault(f.name, f)
     return found
 

@@ -52,6 +52,7 @@ def train(config: TrainConfig, model_config, out_dir: Path, *, resume: bool = Fa
     eval_generator = torch.Generator().manual_seed(config.seed + 1)  # estimates never move the training stream
     model.to(device)
     R = model.receptive_field
+    source.check(config.layout, R, config.seq_len)
     fits = hasattr(model, "fit")  # count models and the lecture's full-batch bigram: no minibatch steps
     optimizer = None if fits else make_optimizer(config, model)
     losses = torch.zeros(config.max_steps, device=device)  # per step, read back only when logging
