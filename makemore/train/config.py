@@ -46,7 +46,7 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = option(0, "estimate train/val loss every this many steps (0: only at the end)")
     eval_iters: int = option(20, "random batches per estimate")
-    eval_max_tokens: int = option(2_000_000, "the final evaluation covers each split exhaustively up to this many targets, an even subset above")
+    eval_max_tokens: int = option(500_000, "the final evaluation covers each split exhaustively up to this many targets, an even subset above")
     log_interval: int = option(1000, "log the training loss every this many steps")
     checkpoint_interval: int = option(10_000, "save a checkpoint every this many steps")
     # system
