@@ -14,6 +14,7 @@ outside it.
 """
 
 import contextlib
+import ctypes
 import json
 import math
 import sys
@@ -39,6 +40,7 @@ LOSS_PLOT = "loss.png"
 
 def train(config: TrainConfig, model_config, out_dir: Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Train into ``out_dir`` (checkpoint, metrics.jsonl, loss.png) and return the final losses per split."""
+    _keep_freed_memory()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = checkpoint.load(out_dir / CHECKPOINT) if resume else None
@@ -150,6 +152,23 @@ def train(config: TrainConfig, model_config, out_dir: Path, *, resume: bool = Fa
     if step:
         plot_losses(losses[:step].cpu(), times[:step], out_dir / METRICS, out_dir / LOSS_PLOT)
     return result
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed activation buffers (up to 32 MiB each) for reuse.
+
+    By default it hands blocks above its mmap threshold back to the kernel at every free, so
+    each step's activations are mapped afresh and page-faulted in: measured on our CPU, 2.1
+    million page faults in 1,800 steps of the ``fast`` recipe, against 73 thousand with this, and
+    a step 15-30% faster. Linux with glibc only; elsewhere nothing changes.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
 def _compiled(model, source, config: TrainConfig, autocast):
