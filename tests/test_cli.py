@@ -131,3 +131,35 @@ def test_console_script_errors_without_traceback(tmp_path):
     result = run("sample", "--out", tmp_path)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == f"makemore sample: error: {tmp_path / 'ckpt.pt'}: no checkpoint here; train one first with `makemore train --out {tmp_path}`"
+
+
+def test_resume_continues_and_refuses_to_change_what_it_trains(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--quiet", "--samples", "0", "--log-interval", "10", "--eval-max-tokens", "5000"]
+    assert main(["train", "--recipe", "fast", "--batch-size", "64", "--max-seconds", "0", "--max-steps", "20", *common]) == 0
+    assert main(["train", "--resume", "--max-steps", "30", *common]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    assert steps == [10, 20, 30]
+    assert "--lr cannot change when resuming" in bad(capsys, "train", "--resume", "--lr", "0.5", *common)
+
+
+def test_force_starts_a_fresh_log(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--recipe", "fast", "--batch-size", "64", "--max-seconds", "0", "--max-steps", "10", "--out", str(out), "--quiet", "--samples", "0", "--log-interval", "5", "--eval-max-tokens", "5000"]
+    assert main(argv) == 0
+    assert main([*argv, "--force"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 10] and "final" in records[-1]
+
+
+def test_compile_falls_back_to_eager_with_one_message(tmp_path, capsys, monkeypatch):
+    import torch
+
+    def refuse(model, *args, **kwargs):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    argv = ["train", "--recipe", "fast", "--batch-size", "64", "--max-seconds", "0", "--max-steps", "5", "--compile", "--out", str(tmp_path / "r"), "--quiet", "--samples", "0", "--eval-max-tokens", "5000"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "makemore: --compile failed (no compiler here); training without compilation" in err

@@ -221,3 +221,17 @@ def test_offline_download_says_where_to_put_the_file(tmp_path, fake_download, mo
     fake_download(error=urllib.error.URLError("no network"))
     with pytest.raises(DataError, match=r"could not download https://example.invalid/tiny.txt .*place the file at .*tiny.txt by hand"):
         data.resolve("tiny", data_dir=tmp_path)
+
+
+def test_both_data_sets_ship_with_the_package_and_are_checked(tmp_path):
+    for name in ("names", "tinyshakespeare"):
+        path, _, sha256 = data.resolve(name)
+        assert "makemore" in path.parts and hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    altered = tmp_path / "names.txt"
+    altered.write_text("anna\nbob\n")
+    with pytest.raises(DataError, match="SHA-256 does not match the registered .* the file was altered"):
+        data.read_lines(altered, sha256=data.DATASETS["names"].sha256)
+
+
+def test_an_empty_prompt_encodes_to_nothing():
+    assert Vocab.for_stream("abc").encode("").shape == (0,)

@@ -89,7 +89,7 @@ def train(config: TrainConfig, model_config, out_dir: Path, *, resume: bool = Fa
             out_dir / CHECKPOINT,
         )
 
-    metrics = open(out_dir / METRICS, "a")
+    metrics = open(out_dir / METRICS, "a" if resume else "w")  # a fresh run (--force) starts a fresh log
 
     def log(record: dict) -> None:
         metrics.write(json.dumps(record) + "\n")
