@@ -52,6 +52,8 @@ class LineSource:
     def __init__(self, items: list[str], vocab: Vocab, *, seed: int = 42, where: str = "input"):
         self.vocab = vocab
         self.items = dict(zip(("train", "val", "test"), lecture_split(items, seed)))
+        if not self.items["train"]:
+            raise DataError(f"{where}: {len(items)} item(s) leave the 80% training split empty; give at least 2 lines")
         self.max_len = max(len(item) for item in items)
         self.splits = tuple(split for split, split_items in self.items.items() if split_items)
         self._encoded = {split: self._encode(split_items, where) for split, split_items in self.items.items()}
