@@ -12,6 +12,7 @@ tanh), and the lecture's widths at block 256 over tinyshakespeare through the co
 import pytest
 import torch
 
+from bench.conftest import QUICK
 from makemore.data import load_source
 from makemore.models import build_model
 from makemore.train import RECIPES, make_configs
@@ -26,9 +27,12 @@ CASES = {
 }
 
 
+QUICK_SIZES = dict(batch_size=4, block_size=8, seq_len=16)  # every case at toy sizes
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_train_step(benchmark, measure, device, case):
-    config, model_config = make_configs({**CASES[case], "device": str(device)})
+    config, model_config = make_configs({**CASES[case], **(QUICK_SIZES if QUICK else {}), "device": str(device)})
     source = load_source(config.data, config.kind)
     torch.manual_seed(0)
     model = build_model(config.model, model_config.__class__(**{**vars(model_config), "vocab_size": len(source.vocab)})).to(device).train()

@@ -2,6 +2,7 @@
 
     python -m pytest bench/ [--device cpu|cuda] --benchmark-json=bench/results/all.json
     python -m bench.report bench/results/all.json --out bench/results
+    MAKEMORE_BENCH_QUICK=1 python -m pytest bench/ --benchmark-disable   # CI's smoke run
 
 A suite's test builds a closure doing one unit of work on ``device`` and hands it to
 ``measure(benchmark, fn)``: pytest-benchmark times it (synchronising CUDA after each call), then
@@ -11,6 +12,7 @@ most memory held at once during the call beyond what was held before it, and on 
 """
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 MIB = 2**20
+# MAKEMORE_BENCH_QUICK=1: every suite at tiny sizes, so CI runs them all in seconds and none can rot.
+QUICK = os.environ.get("MAKEMORE_BENCH_QUICK", "") not in ("", "0")
 
 
 def pytest_addoption(parser):
