@@ -497,7 +497,7 @@ def _torch_forward(logits, target, grad, scale, ignore_index, label_smoothing):
             denominator = torch.sub(x, shift, out=buf).exp_().sum(1, keepdim=True)
         # Per row only, in fp64: lse - x_target in fp32 would round to ulp(lse) ~ 4e-6, coarse next
         # to a confident row's loss.
-        log_d = denominator.double().log_()
+        log_d = torch.log(denominator.double())  # not in place: for fp64, .double() is the same tensor
         if shift is None:
             loss = log_d - x_target
             smooth = (log_d - x_mean) if eps else None
@@ -620,8 +620,15 @@ class _CrossEntropy(torch.autograd.Function):
         return (total if count is None else total / count).to(logits.dtype)  # 0 / 0: nan, as PyTorch
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        # Grad mode is on here only under create_graph=True. The gradient is computed by kernels,
+        # outside autograd: refuse rather than return one with no grad_fn, which would read as a
+        # zero second derivative.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "cross_entropy cannot differentiate twice (backward ran with create_graph=True); use "
+                "F.cross_entropy for higher-order gradients"
+            )
         acc = _accumulator(grad_output.dtype)
         scale = grad_output.to(acc)
         if ctx.fused:
