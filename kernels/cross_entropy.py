@@ -10,12 +10,14 @@ once, or written once), counted from the kernels below:
 
     mode                                   forward   backward             forward + backward
     default                                1 read    1 read + 1 write     3
-    inplace_grad=True, V <= BLOCK_V_MAX    1 read    0 (incoming grad 1)  2
+    inplace_grad=True, V <= BLOCK_V_MAX*  1 read    0 (incoming grad 1)  2
       (gradient written during forward   + 1 write   2 (otherwise)        4
        into the logits' storage)
-    inplace_grad=True, V >  BLOCK_V_MAX    2 reads   as above             3 (5 if rescaled)
+    inplace_grad=True, V >  BLOCK_V_MAX*  2 reads   as above             3 (5 if rescaled)
                                            + 1 write
     no gradient wanted                     1 read    -                    1
+
+    * BLOCK_V_MAX = 8192 classes (4096 for float64)
 
 - Default: forward reads each row once (an online softmax across column tiles when the row is
   wider than one tile) and keeps the row's max and log-denominator, two numbers a row. Backward
@@ -338,17 +340,23 @@ if triton is not None:
 else:
     INTERPRET = False
 
-# Elements per program tile, the same under the interpreter as on the GPU, so the tests run the
-# tilings a GPU runs. 8192 fp32 values over 8 warps are 32 registers a thread. A row of up to
-# BLOCK_V_MAX classes is one tile; wider rows are swept in BLOCK_V_MAX-wide tiles.
+# Elements per program, the same under the interpreter as on the GPU, so the tests run the tilings
+# a GPU runs. A row wider than one tile is swept in TILE-wide tiles, one row a program (8192 fp32
+# values over 8 warps: 32 a thread). Rows narrower than that share a program in ROW_TILE-element
+# tiles (2048 over 4 warps: 16 a thread): every element there carries its own 64-bit address, as
+# V = 27 or 65 rows are never 16-byte aligned, and 32 a thread spilled at V = 65 in the sm_90
+# compile (tests/test_cross_entropy_aot.py). float64 tiles hold half as many elements.
 TILE = 1 << 13
-BLOCK_V_MAX = TILE
+ROW_TILE = 1 << 11
+BLOCK_V_MAX = TILE  # the widest row kept in one tile (BLOCK_V_MAX // 2 for float64)
 
 
-def _launch_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """(rows per program, columns per tile, warps) for an (n_rows, n_cols) problem."""
-    block_v = max(16, min(triton.next_power_of_2(n_cols), TILE))
-    rows = max(1, min(TILE // block_v, triton.next_power_of_2(n_rows)))
+def _launch_config(n_rows: int, n_cols: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
+    """(rows per program, columns per tile, warps) for an (n_rows, n_cols) problem in ``dtype``."""
+    wide = 2 if dtype == torch.float64 else 1
+    tile, row_tile = TILE // wide, min(ROW_TILE, TILE) // wide
+    block_v = max(16, min(triton.next_power_of_2(n_cols), tile))
+    rows = max(1, min(row_tile // block_v, triton.next_power_of_2(n_rows)))
     num_warps = 4 if rows * block_v <= 2048 else 8
     return rows, block_v, num_warps
 
@@ -377,7 +385,7 @@ def _triton_forward(x, target, grad, scale, ignore_index, label_smoothing):
     acc = _accumulator(x.dtype)
     loss = torch.empty(n_rows, dtype=acc, device=x.device)
     stats = torch.empty(2, n_rows, dtype=acc, device=x.device)
-    rows, block_v, num_warps = _launch_config(n_rows, n_cols)
+    rows, block_v, num_warps = _launch_config(n_rows, n_cols, x.dtype)
     out = grad if grad is not None else x  # unused pointers when WRITE_GRAD is off
     _launch(
         _forward_kernel, (triton.cdiv(n_rows, rows),),
@@ -398,7 +406,7 @@ def _triton_forward(x, target, grad, scale, ignore_index, label_smoothing):
 def _triton_backward(x, target, stats, scale, grad, ignore_index, label_smoothing):
     """Write the gradient of 2-D ``x`` into ``grad``; ``scale`` holds one value per row, or one in all."""
     n_rows, n_cols = x.shape
-    rows, block_v, num_warps = _launch_config(n_rows, n_cols)
+    rows, block_v, num_warps = _launch_config(n_rows, n_cols, x.dtype)
     _launch(
         _backward_kernel, (triton.cdiv(n_rows, rows),),
         x, x.stride(0), x.stride(1),
@@ -416,7 +424,7 @@ def _triton_backward(x, target, stats, scale, grad, ignore_index, label_smoothin
 def _triton_rescale(grad, scale):
     """grad *= scale (one value per row, or one in all), skipping rows where it is 1, on the device."""
     n_rows, n_cols = grad.shape
-    rows, block_v, num_warps = _launch_config(n_rows, n_cols)
+    rows, block_v, num_warps = _launch_config(n_rows, n_cols, grad.dtype)
     _launch(
         _rescale_kernel, (triton.cdiv(n_rows, rows),),
         grad, grad.stride(0), grad.stride(1),
