@@ -8,16 +8,16 @@ error, so move the class dimension last before calling this.)
 Memory traffic, in passes over the (N, V) logits-sized data (one pass = every element read
 once, or written once), counted from the kernels below:
 
-    mode                                   forward   backward             forward + backward
-    default                                1 read    1 read + 1 write     3
-    inplace_grad=True, V <= BLOCK_V_MAX*  1 read    0 (incoming grad 1)  2
-      (gradient written during forward   + 1 write   2 (otherwise)        4
+    mode                                    forward    backward             forward + backward
+    default                                 1 read     1 read + 1 write     3
+    inplace_grad=True, V <= BLOCK_V_MAX (*) 1 read     0 (incoming grad 1)  2
+      (gradient written during forward      + 1 write  2 (otherwise)        4
        into the logits' storage)
-    inplace_grad=True, V >  BLOCK_V_MAX*  2 reads   as above             3 (5 if rescaled)
-                                           + 1 write
-    no gradient wanted                     1 read    -                    1
+    inplace_grad=True, V >  BLOCK_V_MAX (*) 2 reads    as above             3 (5 if rescaled)
+                                            + 1 write
+    no gradient wanted                      1 read     -                    1
 
-    * BLOCK_V_MAX = 8192 classes (4096 for float64)
+    (*) BLOCK_V_MAX = 8192 classes (4096 for float64)
 
 - Default: forward reads each row once (an online softmax across column tiles when the row is
   wider than one tile) and keeps the row's max and log-denominator, two numbers a row. Backward

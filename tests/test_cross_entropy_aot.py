@@ -17,8 +17,8 @@ plus odd row counts (1, 3, 4095), transposed logits and reduction="none".
 
 Register use and spills come from the cubins (cuobjdump's resource usage, and ptxas -v for the
 table). Measured with triton 3.9.0 / ptxas 12.9, int64 targets, label smoothing 0.1
-(registers per thread / spill-store bytes; fwd = forward without gradient, fwd+grad = the
-inplace_grad forward, bwd = the default-mode backward):
+(registers per thread / spill-store bytes from ptxas -v; forward = without gradient, as in the
+default mode, forward+grad = the inplace_grad forward, backward = the default-mode backward):
 
     kernel        dtype  V        warps  sm_80 regs/spill  sm_90 regs/spill
     backward      bf16   27       4       182 / 0           168 / 0
