@@ -1,20 +1,63 @@
 """Fused softmax-cross-entropy: a Triton kernel for CUDA and a PyTorch fallback for everything else.
 
-``cross_entropy`` has ``torch.nn.functional.cross_entropy``'s semantics for class-index targets.
-Both backends compute each row's logsumexp, its loss and, when the logits need a gradient,
-d(loss)/d(logits) in the forward call. The gradient is already scaled for the reduction, so
-backward only multiplies by the incoming gradient, and no (N, V) softmax or log-softmax tensor
-exists besides the gradient itself (F.cross_entropy keeps the log-softmax and then allocates
-the gradient). With ``inplace_grad=True`` the gradient overwrites the logits' storage instead.
-Small CPU problems, where a Python autograd.Function's fixed cost outweighs the fusion, go to
-F.cross_entropy itself unless a backend is forced.
+``cross_entropy`` has ``torch.nn.functional.cross_entropy``'s semantics for class-index targets,
+with the classes in the LAST dimension: logits (..., V) and targets (...). (F.cross_entropy
+wants (N, C, d1, ...); a (N, C, C) tensor is valid for both and gives different losses, with no
+error, so move the class dimension last before calling this.)
 
-The module reads top to bottom: input checks, backend choice, the Triton kernel and its launcher,
-the PyTorch fallback, the autograd Function, and the public function.
+Memory traffic, in passes over the (N, V) logits-sized data (one pass = every element read
+once, or written once), counted from the kernels below:
+
+    mode                                    forward    backward             forward + backward
+    default                                 1 read     1 read + 1 write     3
+    inplace_grad=True, V <= BLOCK_V_MAX (*) 1 read     0 (incoming grad 1)  2
+      (gradient written during forward      + 1 write  2 (otherwise)        4
+       into the logits' storage)
+    inplace_grad=True, V >  BLOCK_V_MAX (*) 2 reads    as above             3 (5 if rescaled)
+                                            + 1 write
+    no gradient wanted                      1 read     -                    1
+
+    (*) BLOCK_V_MAX = 8192 classes (4096 for float64)
+
+- Default: forward reads each row once (an online softmax across column tiles when the row is
+  wider than one tile) and keeps the row's max and log-denominator, two numbers a row. Backward
+  reads the logits once more and writes the gradient, already multiplied by the incoming
+  gradient (per row for reduction="none") and the mean's 1/count. Nothing (N, V)-sized is held
+  between the two calls except the logits themselves (F.cross_entropy keeps its log-softmax).
+- ``inplace_grad=True``: forward writes d(loss)/d(logits), scaled for the reduction, over the
+  logits. A row up to BLOCK_V_MAX classes stays in registers from its load to its gradient; a
+  wider one is read a second time right after the first (mostly from L2), because the
+  gradient needs the whole row's logsumexp. Backward launches one kernel whose programs read
+  the incoming gradient on the device and touch their rows only where it is not exactly 1, so
+  ``loss.backward()`` costs no pass over the gradient and no host synchronisation.
+
+No device-to-host synchronisation on CUDA: the target range check is a device-side assert
+(``torch._assert_async``, as F.cross_entropy's own CUDA kernels do: a bad target stops the
+process's CUDA context at the next synchronisation); the kernels never address memory with a
+target (they compare it with column indices), so nothing is read out of bounds before the assert
+fires, and a bad row's loss is nan. The count of non-ignored targets and the mean's scale are
+device tensors. The loss therefore works under CUDA graphs and without host round trips. On CPU
+the checks run on the host and a bad target is a ValueError naming its position.
+
+Vectorised loads: Triton emits 16-byte loads only where it can prove a row starts 16-byte
+aligned and the load mask is constant over each 16 bytes, which it learns from the launcher's
+integer specialisation (stride and V divisible by 16). At V = 50,257 neither holds, so loads are
+4 or 2 bytes wide; a warp's neighbouring loads still coalesce into full 32-byte sectors, so the
+DRAM traffic is the same and only the instruction count grows. Padding here would need a copy of
+the logits (two more passes); the cure belongs to the caller: a vocabulary padded to a multiple
+of 16 or 64 classes (GPT-2's 50,304) gives aligned rows and unmasked tiles.
+
+Small problems, where a Python autograd.Function's fixed cost outweighs the fusion, go to
+F.cross_entropy itself unless a backend is forced (ATEN_BELOW on CPU, CUDA_ATEN_BELOW on CUDA).
+float64 logits are computed in float64 by both backends; the rest accumulate in float32.
+
+The module reads top to bottom: input checks, backend choice, the Triton kernels and their
+launchers, the PyTorch fallback, the autograd Function, and the public function.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -35,9 +78,9 @@ BACKEND_ENV = "MAKEMORE_XENT_BACKEND"
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checks: all of them run before any kernel launch, so a bad target is an error, never
-# an out-of-bounds read. (On CPU, F.cross_entropy bounds-checks its own targets; the small
-# problems handed to it skip the extra pass and get the same error afterwards.)
+# Input checks. Argument checks never read tensor values. Target values are checked on the host
+# where that is free (CPU), and with a device-side assert on CUDA, where reading them would
+# cost a synchronisation.
 
 
 def _check_arguments(logits, target, reduction, label_smoothing) -> None:
@@ -53,14 +96,17 @@ def _check_arguments(logits, target, reduction, label_smoothing) -> None:
     if target.shape != logits.shape[:-1]:
         raise ValueError(
             f"target shape {tuple(target.shape)} must equal the logits' shape without the class dimension, "
-            f"{tuple(logits.shape[:-1])}"
+            f"{tuple(logits.shape[:-1])} (classes are the last dimension, unlike F.cross_entropy's dim 1)"
         )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
 
 
 def _check_targets(logits, target, ignore_index) -> bool:
-    """Raise ValueError on a class index out of range; return whether some target may equal ``ignore_index``."""
+    """Raise ValueError on a class index out of range; return whether some target may equal ``ignore_index``.
+
+    Reads the targets on the host: for CPU tensors (and other non-CUDA devices) only.
+    """
     if target.numel() == 0:
         return False
     # One reduction settles the common case; the position of a bad value is looked up only on failure.
@@ -77,12 +123,28 @@ def _check_targets(logits, target, ignore_index) -> bool:
     return low <= ignore_index <= high
 
 
+def _assert_targets_on_device(target, n_classes, ignore_index) -> None:
+    """The CUDA form of _check_targets: a device-side assert, so the host never waits for the values."""
+    in_range = ((target >= 0) & (target < n_classes)) | (target == ignore_index)
+    torch._assert_async(
+        in_range.all(),
+        f"cross_entropy: a target is out of range: class indices must be in [0, {n_classes}) or equal "
+        f"ignore_index={ignore_index}",
+    )
+
+
 # Below this many logits, "auto" on CPU hands the problem to F.cross_entropy: a Python
 # autograd.Function costs about 130 us a call more than F.cross_entropy's C++ path on our 2-core
 # CPU (200 against 70 us at N = 32, V = 27), more than fusing saves until about 4096 x 65 logits,
 # and F.cross_entropy's two (N, V) buffers are at most 4 MiB here. bench/bench_cross_entropy.py
 # measures both sides of the line.
 ATEN_BELOW = 1 << 19
+
+# The same line on CUDA, where problems too small to fill the GPU (makemore's 32 x 27) are
+# dominated by launch and Python overhead. PROVISIONAL: no GPU measurement has been made yet; set
+# it from bench/bench_cross_entropy.py --device cuda (the size where the fused path's forward +
+# backward time crosses F.cross_entropy's).
+CUDA_ATEN_BELOW = 1 << 16
 
 
 def _pick_backend(backend: str | None, logits: torch.Tensor, inplace_grad: bool) -> str:
@@ -93,7 +155,7 @@ def _pick_backend(backend: str | None, logits: torch.Tensor, inplace_grad: bool)
     device = logits.device
     if backend == "auto":
         if device.type == "cuda" and triton is not None:
-            return "triton"
+            return "aten" if logits.numel() < CUDA_ATEN_BELOW and not inplace_grad else "triton"
         return "aten" if logits.numel() < ATEN_BELOW and not inplace_grad else "torch"
     if backend == "triton":
         if triton is None:
@@ -106,224 +168,409 @@ def _pick_backend(backend: str | None, logits: torch.Tensor, inplace_grad: bool)
     return backend
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """float64 logits are computed in float64; every other dtype in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 # ---------------------------------------------------------------------------------------------
-# Triton kernel. Each program owns ROWS rows and walks their columns in BLOCK_V-wide tiles:
+# Triton kernels. Every program owns ROWS rows and walks their columns in BLOCK_V-wide tiles:
 # small vocabularies (27, 65) pack many rows into one tile, so a program does real work; large
-# ones (50,257 and up) take one row per program and loop over column tiles with an online
-# softmax. Offsets are 64-bit so N x V beyond 2**31 addresses correctly.
+# ones (50,257 and up) take one row per program and loop over column tiles. Row offsets are
+# 64-bit, so N x V beyond 2**31 addresses correctly; per-element column indices and the target
+# comparisons stay 32-bit, which keeps register use down at small V.
+#
+# Targets are only ever compared with column indices, never used as addresses: a bad target
+# cannot make a kernel read out of bounds.
 
 if triton is not None:
 
     @triton.jit
-    def _smoothed_softmax_grad(x, m, log_d, target, cols, valid, n_cols, label_smoothing, grad_scale):
-        # d(loss)/d(x) = softmax - (1 - eps) * onehot - eps / V, times the reduction's scale.
-        p = tl.exp((x - m[:, None]) - log_d[:, None])
-        hit = cols[None, :] == target[:, None]
-        g = p - tl.where(hit, 1.0 - label_smoothing, 0.0) - label_smoothing / n_cols
-        # Ignored rows are scaled by 0 rather than replaced by 0: a row of only -inf then keeps
-        # its nan gradient, as in PyTorch.
-        return g * tl.where(valid, grad_scale, 0.0)[:, None]
+    def _row_targets(target_ptr, target_stride, rows, row_in, n_cols, ignore_index):
+        """(class to pick: int32, -1 for none; the row counts; the row's target is out of range)."""
+        t = tl.load(target_ptr + rows * target_stride, mask=row_in, other=ignore_index)
+        valid = row_in & (t != ignore_index)
+        in_range = (t >= 0) & (t < n_cols)
+        cls = tl.where(valid & in_range, t, -1).to(tl.int32)
+        return cls, valid, valid & ~in_range
 
     @triton.jit
-    def _cross_entropy_kernel(
-        logits_ptr, logits_stride_row, logits_stride_col,
+    def _load_tile(x_rows, x_stride_col, c, row_in, n_cols, ACC: tl.constexpr):
+        # Padding rows past the end and columns past V load -inf: no memory is touched for them.
+        mask = row_in[:, None] & (c < n_cols)[None, :]
+        x = tl.load(x_rows + c.to(tl.int64)[None, :] * x_stride_col, mask=mask, other=float("-inf"))
+        return x.to(ACC)
+
+    @triton.jit
+    def _grad_tile(x, shift, log_d, cls, c, n_cols, label_smoothing, weight):
+        # d(loss)/d(x) = softmax - (1 - eps) * onehot - eps / V, times the row's weight. Ignored
+        # rows have weight 0 and are scaled by it rather than replaced by 0: a row of only -inf then
+        # keeps its nan gradient, as in PyTorch.
+        p = tl.exp((x - shift[:, None]) - log_d[:, None])
+        g = p - tl.where(c[None, :] == cls[:, None], 1.0 - label_smoothing, 0.0) - label_smoothing / n_cols
+        return g * weight[:, None]
+
+    # ignore_index is not specialised: its value (-100, 0, 1, ...) must not multiply compiled variants.
+    @triton.jit(do_not_specialize=["ignore_index"])
+    def _forward_kernel(
+        x_ptr, x_stride_row, x_stride_col,
         target_ptr, target_stride,
-        loss_ptr,
+        loss_ptr, stats_ptr, scale_ptr,
         grad_ptr, grad_stride_row, grad_stride_col,
-        n_rows, n_cols, ignore_index, label_smoothing, grad_scale,
+        n_rows, n_cols, ignore_index, label_smoothing,
         ROWS: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE_TILE: tl.constexpr,
-        SMOOTHING: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        SMOOTHING: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
+        """Row losses and (shift, log-denominator) per row; with WRITE_GRAD the scaled gradient too."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_in = rows < n_rows
-        # Padding rows past the end re-read the last row, so they compute finite values; their
-        # results are never stored.
-        src_rows = tl.minimum(rows, n_rows - 1)
-        target = tl.load(target_ptr + src_rows * target_stride).to(tl.int64)
-        valid = row_in & (target != ignore_index)
-        cols = tl.arange(0, BLOCK_V).to(tl.int64)
-        x_rows = logits_ptr + src_rows[:, None] * logits_stride_row
-        g_rows = grad_ptr + rows[:, None] * grad_stride_row
+        cls, valid, bad = _row_targets(target_ptr, target_stride, rows, row_in, n_cols, ignore_index)
+        cols = tl.arange(0, BLOCK_V)
+        x_rows = x_ptr + rows[:, None] * x_stride_row
 
         if SINGLE_TILE:
             # The whole row fits in one tile: it stays in registers from the load to the gradient.
-            col_in = cols[None, :] < n_cols
-            x = tl.load(x_rows + cols[None, :] * logits_stride_col, mask=col_in, other=float("-inf")).to(tl.float32)
+            x = _load_tile(x_rows, x_stride_col, cols, row_in, n_cols, ACC)
             m = tl.max(x, 1)
-            log_d = tl.log(tl.sum(tl.exp(x - m[:, None]), 1))
-            x_target = tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), 1)
+            shift = tl.where(m == float("-inf"), 0.0, m)  # exp(-inf - 0) adds 0, not nan
+            denominator = tl.sum(tl.exp(x - shift[:, None]), 1)
+            x_target = tl.sum(tl.where(cols[None, :] == cls[:, None], x, 0.0), 1)
             if SMOOTHING:
-                x_sum = tl.sum(tl.where(col_in, x, 0.0), 1)
+                x_sum = tl.sum(tl.where((cols < n_cols)[None, :], x, 0.0), 1)
         else:
-            m = tl.full([ROWS], float("-inf"), tl.float32)
-            denominator = tl.zeros([ROWS], tl.float32)
-            x_target = tl.zeros([ROWS], tl.float32)
-            x_sum = tl.zeros([ROWS], tl.float32)
+            # One sweep with an online softmax: the running max rescales the running sum.
+            m = tl.full([ROWS], float("-inf"), ACC)
+            shift = tl.zeros([ROWS], ACC)
+            denominator = tl.zeros([ROWS], ACC)
+            x_target = tl.zeros([ROWS], ACC)
+            x_sum = tl.zeros([ROWS], ACC)
             for start in range(0, n_cols, BLOCK_V):
                 c = start + cols
-                col_in = c[None, :] < n_cols
-                x = tl.load(x_rows + c[None, :] * logits_stride_col, mask=col_in, other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(x, 1))
-                # Until a row shows a finite logit, shift by 0: exp(-inf - 0) adds 0, not nan.
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                denominator = denominator * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), 1)
-                m = m_new
-                x_target += tl.sum(tl.where(c[None, :] == target[:, None], x, 0.0), 1)
+                x = _load_tile(x_rows, x_stride_col, c, row_in, n_cols, ACC)
+                m = tl.maximum(m, tl.max(x, 1))
+                new_shift = tl.where(m == float("-inf"), 0.0, m)
+                denominator = denominator * tl.exp(shift - new_shift) + tl.sum(tl.exp(x - new_shift[:, None]), 1)
+                shift = new_shift
+                x_target += tl.sum(tl.where(c[None, :] == cls[:, None], x, 0.0), 1)
                 if SMOOTHING:
-                    x_sum += tl.sum(tl.where(col_in, x, 0.0), 1)
-            log_d = tl.log(denominator)
+                    x_sum += tl.sum(tl.where((c < n_cols)[None, :], x, 0.0), 1)
+        log_d = tl.log(denominator)
 
-        # The target's logit came from the tiles already in registers: no gather, and nothing to
-        # re-read after an in-place gradient has overwritten the logits. Subtracting it from the
-        # max before adding log_d keeps small losses exact next to large logits (lse ~ 1e4).
+        # The target's logit came from the tiles already loaded: no gather, and nothing to re-read
+        # after an in-place gradient has overwritten the logits. Subtracting it from the max before
+        # adding log_d keeps small losses exact next to large logits (lse ~ 1e4).
         loss = (m - x_target) + log_d
         if SMOOTHING:
             loss = (1.0 - label_smoothing) * loss + label_smoothing * ((m - x_sum / n_cols) + log_d)
-        tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_in)
+        loss = tl.where(valid, loss, 0.0)
+        loss = tl.where(bad, float("nan"), loss)  # the device-side assert reports it; never a silent value
+        tl.store(loss_ptr + rows, loss, mask=row_in)
+        tl.store(stats_ptr + rows, shift, mask=row_in)
+        tl.store(stats_ptr + n_rows + rows, log_d, mask=row_in)
 
         if WRITE_GRAD:
+            weight = tl.where(valid, tl.load(scale_ptr).to(ACC), 0.0)
+            g_rows = grad_ptr + rows[:, None] * grad_stride_row
             if SINGLE_TILE:
-                g = _smoothed_softmax_grad(x, m, log_d, target, cols, valid, n_cols, label_smoothing, grad_scale)
-                store_in = row_in[:, None] & col_in
+                g = _grad_tile(x, shift, log_d, cls, cols, n_cols, label_smoothing, weight)
+                store_in = row_in[:, None] & (cols < n_cols)[None, :]
                 tl.store(g_rows + cols[None, :] * grad_stride_col, g.to(grad_ptr.dtype.element_ty), mask=store_in)
             else:
-                # Second sweep over the row, mostly from L2: the softmax needs the whole row's logsumexp.
+                # Second read of the row, right after the first (mostly from L2): the softmax needs
+                # the whole row's logsumexp before any of its gradient can be written.
                 for start in range(0, n_cols, BLOCK_V):
                     c = start + cols
-                    col_in = c[None, :] < n_cols
-                    x = tl.load(x_rows + c[None, :] * logits_stride_col, mask=col_in, other=float("-inf"))
-                    g = _smoothed_softmax_grad(
-                        x.to(tl.float32), m, log_d, target, c, valid, n_cols, label_smoothing, grad_scale
-                    )
-                    store_in = row_in[:, None] & col_in
-                    tl.store(g_rows + c[None, :] * grad_stride_col, g.to(grad_ptr.dtype.element_ty), mask=store_in)
+                    x = _load_tile(x_rows, x_stride_col, c, row_in, n_cols, ACC)
+                    g = _grad_tile(x, shift, log_d, cls, c, n_cols, label_smoothing, weight)
+                    store_in = row_in[:, None] & (c < n_cols)[None, :]
+                    g_ptrs = g_rows + c.to(tl.int64)[None, :] * grad_stride_col
+                    tl.store(g_ptrs, g.to(grad_ptr.dtype.element_ty), mask=store_in)
+
+    @triton.jit(do_not_specialize=["scale_stride", "ignore_index"])
+    def _backward_kernel(
+        x_ptr, x_stride_row, x_stride_col,
+        target_ptr, target_stride,
+        stats_ptr, scale_ptr, scale_stride,
+        grad_ptr, grad_stride_row, grad_stride_col,
+        n_rows, n_cols, ignore_index, label_smoothing,
+        ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """One read of the logits, one write of the gradient, scaled per row by ``scale`` (stride 0: one value)."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_in = rows < n_rows
+        cls, valid, bad = _row_targets(target_ptr, target_stride, rows, row_in, n_cols, ignore_index)
+        shift = tl.load(stats_ptr + rows, mask=row_in, other=0.0)
+        log_d = tl.load(stats_ptr + n_rows + rows, mask=row_in, other=0.0)
+        # tl.where, not a product: a mean over no targets has scale inf, and its rows must get 0.
+        weight = tl.where(valid, tl.load(scale_ptr + rows * scale_stride, mask=row_in, other=0.0).to(ACC), 0.0)
+        cols = tl.arange(0, BLOCK_V)
+        x_rows = x_ptr + rows[:, None] * x_stride_row
+        g_rows = grad_ptr + rows[:, None] * grad_stride_row
+        for start in range(0, n_cols, BLOCK_V):
+            c = start + cols
+            x = _load_tile(x_rows, x_stride_col, c, row_in, n_cols, ACC)
+            g = _grad_tile(x, shift, log_d, cls, c, n_cols, label_smoothing, weight)
+            store_in = row_in[:, None] & (c < n_cols)[None, :]
+            tl.store(g_rows + c.to(tl.int64)[None, :] * grad_stride_col, g.to(grad_ptr.dtype.element_ty), mask=store_in)
+
+    @triton.jit(do_not_specialize=["scale_stride"])
+    def _rescale_kernel(
+        grad_ptr, grad_stride_row, grad_stride_col,
+        scale_ptr, scale_stride,
+        n_rows, n_cols,
+        ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):  # fmt: skip
+        """grad *= scale, row by row, skipping rows whose scale is exactly 1: decided here, on the device."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_in = rows < n_rows
+        scale = tl.load(scale_ptr + rows * scale_stride, mask=row_in, other=1.0)
+        touch = row_in & (scale != 1.0)  # nan != 1: a nan incoming gradient still propagates
+        if tl.max(touch.to(tl.int32), 0) > 0:
+            cols = tl.arange(0, BLOCK_V)
+            g_rows = grad_ptr + rows[:, None] * grad_stride_row
+            for start in range(0, n_cols, BLOCK_V):
+                c = start + cols
+                mask = touch[:, None] & (c < n_cols)[None, :]
+                ptrs = g_rows + c.to(tl.int64)[None, :] * grad_stride_col
+                g = tl.load(ptrs, mask=mask)
+                tl.store(ptrs, (g.to(scale.dtype) * scale[:, None]).to(grad_ptr.dtype.element_ty), mask=mask)
 
     # triton.jit hands back an interpreter instead of a compiled kernel when TRITON_INTERPRET=1.
-    INTERPRET = not isinstance(_cross_entropy_kernel, triton.runtime.JITFunction)
+    INTERPRET = not isinstance(_forward_kernel, triton.runtime.JITFunction)
 else:
     INTERPRET = False
 
-# Elements per program tile. On a GPU 8192 fp32 values spread over 8 warps are 32 registers a
-# thread; the interpreter pays per program, not per element, so there a tile is much larger.
-TILE = 1 << 16 if INTERPRET else 1 << 13
+# Elements per program, the same under the interpreter as on the GPU, so the tests run the tilings
+# a GPU runs. A row wider than one tile is swept in TILE-wide tiles, one row a program (8192 fp32
+# values over 8 warps: 32 a thread). Rows narrower than that share a program in ROW_TILE-element
+# tiles (2048 over 4 warps: 16 a thread): every element there carries its own 64-bit address, as
+# V = 27 or 65 rows are never 16-byte aligned, and 32 a thread spilled at V = 65 in the sm_90
+# compile (tests/test_cross_entropy_aot.py). float64 tiles hold half as many elements.
+TILE = 1 << 13
+ROW_TILE = 1 << 11
+BLOCK_V_MAX = TILE  # the widest row kept in one tile (BLOCK_V_MAX // 2 for float64)
 
 
-def _launch_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """(rows per program, columns per tile, warps) for an (n_rows, n_cols) problem."""
-    block_v = max(16, min(triton.next_power_of_2(n_cols), TILE))
-    rows = max(1, min(TILE // block_v, triton.next_power_of_2(n_rows)))
+def _launch_config(n_rows: int, n_cols: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
+    """(rows per program, columns per tile, warps) for an (n_rows, n_cols) problem in ``dtype``."""
+    wide = 2 if dtype == torch.float64 else 1
+    tile, row_tile = TILE // wide, min(ROW_TILE, TILE) // wide
+    block_v = max(16, min(triton.next_power_of_2(n_cols), tile))
+    rows = max(1, min(row_tile // block_v, triton.next_power_of_2(n_rows)))
     num_warps = 4 if rows * block_v <= 2048 else 8
     return rows, block_v, num_warps
 
 
-def _triton_forward(logits, target, grad, ignore_index, label_smoothing, grad_scale):
-    """Per-row losses (fp32, 0 where ignored) of 2-D ``logits``; fills ``grad`` when it is given.
+def _launch(kernel, grid, *args, **meta):
+    """Launch under the tensors' device (multi-GPU), on its current stream.
 
-    ``ignore_index`` is None when no target equals it.
+    Every launch goes through here: tests/test_cross_entropy_aot.py records them to compile
+    exactly what the dispatcher launches.
     """
-    n_rows, n_cols = logits.shape
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    rows, block_v, num_warps = _launch_config(n_rows, n_cols)
-    out = grad if grad is not None else logits  # an unused pointer when WRITE_GRAD is off
-    _cross_entropy_kernel[(triton.cdiv(n_rows, rows),)](
-        logits, logits.stride(0), logits.stride(1),
+    device = args[0].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **meta)
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _triton_forward(x, target, grad, scale, ignore_index, label_smoothing):
+    """(row losses, (2, N) stats: shift and log-denominator) of 2-D ``x``; fills ``grad`` when given.
+
+    ``scale`` is a 0-d device tensor, the gradient's reduction scale (read only with ``grad``).
+    """
+    n_rows, n_cols = x.shape
+    acc = _accumulator(x.dtype)
+    loss = torch.empty(n_rows, dtype=acc, device=x.device)
+    stats = torch.empty(2, n_rows, dtype=acc, device=x.device)
+    rows, block_v, num_warps = _launch_config(n_rows, n_cols, x.dtype)
+    out = grad if grad is not None else x  # unused pointers when WRITE_GRAD is off
+    _launch(
+        _forward_kernel, (triton.cdiv(n_rows, rows),),
+        x, x.stride(0), x.stride(1),
         target, target.stride(0),
-        loss,
+        loss, stats, scale if scale is not None else loss,
         out, out.stride(0), out.stride(1),
         n_rows, n_cols,
-        -1 if ignore_index is None else ignore_index,  # no target is negative, so -1 ignores none
-        label_smoothing, grad_scale,
+        -100 if ignore_index is None else ignore_index,
+        label_smoothing,
         ROWS=rows, BLOCK_V=block_v, SINGLE_TILE=block_v >= n_cols,
-        SMOOTHING=label_smoothing > 0, WRITE_GRAD=grad is not None,
+        SMOOTHING=label_smoothing > 0, WRITE_GRAD=grad is not None, ACC=_tl_dtype(acc),
         num_warps=num_warps,
     )  # fmt: skip
-    return loss
+    return loss, stats
+
+
+def _triton_backward(x, target, stats, scale, grad, ignore_index, label_smoothing):
+    """Write the gradient of 2-D ``x`` into ``grad``; ``scale`` holds one value per row, or one in all."""
+    n_rows, n_cols = x.shape
+    rows, block_v, num_warps = _launch_config(n_rows, n_cols, x.dtype)
+    _launch(
+        _backward_kernel, (triton.cdiv(n_rows, rows),),
+        x, x.stride(0), x.stride(1),
+        target, target.stride(0),
+        stats, scale, scale.stride(0) if scale.dim() else 0,
+        grad, grad.stride(0), grad.stride(1),
+        n_rows, n_cols,
+        -100 if ignore_index is None else ignore_index,
+        label_smoothing,
+        ROWS=rows, BLOCK_V=block_v, ACC=_tl_dtype(stats.dtype),
+        num_warps=num_warps,
+    )  # fmt: skip
+
+
+def _triton_rescale(grad, scale):
+    """grad *= scale (one value per row, or one in all), skipping rows where it is 1, on the device."""
+    n_rows, n_cols = grad.shape
+    rows, block_v, num_warps = _launch_config(n_rows, n_cols, grad.dtype)
+    _launch(
+        _rescale_kernel, (triton.cdiv(n_rows, rows),),
+        grad, grad.stride(0), grad.stride(1),
+        scale, scale.stride(0) if scale.dim() else 0,
+        n_rows, n_cols,
+        ROWS=rows, BLOCK_V=block_v, num_warps=num_warps,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
-# PyTorch fallback: the same computation in chunks of rows small enough to stay in cache, with
-# in-place ops on the gradient buffer, so memory traffic is about one read of the logits and one
-# write of the gradient, and no (N, V) temporary exists besides the gradient.
+# PyTorch fallback: the same passes in chunks of rows small enough to stay in cache, so the
+# (N, V) traffic is what the table in the module docstring says, and no (N, V) temporary exists
+# besides the gradient. Within a chunk a few more passes run in cache.
 
 CHUNK_ELEMENTS = 1 << 20
 
 # Logits within +-EXP_SAFE need no max-shift: exp cannot overflow a row's sum (V * e**64 stays far
 # below fp32's maximum) nor underflow a row's largest term (e**-64 is a normal float). Softmax is
-# then one exp pass, a row sum and a scale, about half the work of log_softmax followed by exp.
+# then one exp pass and a row sum, about half the work of a max-shifted one.
 EXP_SAFE = 64.0
 
 
-def _loss_and_softmax(x, target, label_smoothing, weight, buf):
-    """Row losses (rows, 1) of fp32 logits ``x``; leaves softmax(x) * weight in ``buf``.
-
-    ``buf`` may be ``x`` itself. With ``weight`` None the softmax is not finished (no gradient wanted).
-    """
-    eps = label_smoothing
-    low, high = torch.aminmax(x)
-    if -EXP_SAFE <= low.item() and high.item() <= EXP_SAFE:
-        x_target = x.gather(1, target)  # read before buf overwrites x
-        x_mean = x.mean(1, keepdim=True) if eps else None
-        denominator = torch.exp(x, out=buf).sum(1, keepdim=True)
-        # Per row only, in fp64: lse - x_target in fp32 would round to ulp(lse) ~ 4e-6, coarse
-        # next to a confident row's loss; PyTorch's max-shifted form does not lose those digits.
-        lse = denominator.double().log_()
-        loss = (lse - x_target).float()
-        if eps:
-            loss = (1 - eps) * loss + eps * (lse - x_mean).float()
-        if weight is not None:
-            buf.mul_(denominator.reciprocal_().mul_(weight))
-    else:
-        # Extreme or infinite logits: PyTorch's per-row max-shifted log-softmax.
-        log_p = torch.log_softmax(x, 1, out=buf)
-        loss = log_p.gather(1, target).neg_()
-        if eps:
-            loss = (1 - eps) * loss - eps * log_p.mean(1, keepdim=True)
-        if weight is not None:
-            log_p.exp_().mul_(weight)
-    return loss
+def _row_weights(target, ignore_index, scale, n_rows):
+    """(targets with ignored ones set to class 0, per-row weight (rows, 1): scale, or 0 where ignored)."""
+    target = target.long().unsqueeze(1)
+    scale = scale.reshape(-1, 1) if scale.dim() else scale.expand(n_rows, 1)
+    if ignore_index is None:
+        return target, scale
+    ignored = target == ignore_index
+    # torch.where, not a product: a mean over no targets has scale inf, and its rows must get 0.
+    return target.masked_fill(ignored, 0), torch.where(ignored, 0.0, scale)
 
 
-def _torch_forward(logits, target, grad, ignore_index, label_smoothing, grad_scale):
-    """Per-row losses (fp32, 0 where ignored) of 2-D ``logits``; fills ``grad`` when it is given.
+def _torch_forward(logits, target, grad, scale, ignore_index, label_smoothing):
+    """(row losses, (2, N) stats) of 2-D ``logits``; fills ``grad`` when given.
+
+    The stats are each row's shift and denominator (the Triton kernel keeps log-denominators): the
+    backward pass then divides by the very sum the forward pass took, so a one-class row's
+    gradient is exactly 0.
 
     ``ignore_index`` is None when no target equals it, which spares the masking: at V = 27 the
     handful of small ops per call weigh as much as the arithmetic.
     """
     n_rows, n_cols = logits.shape
+    acc = _accumulator(logits.dtype)
     eps = label_smoothing
-    target = target.long().unsqueeze(1)
-    if ignore_index is None:
-        ignored = None
-        weight = grad_scale
-        at_target = torch.full((n_rows, 1), -(1 - eps) * grad_scale, device=logits.device)
+    ignored = None if ignore_index is None else (target == ignore_index).unsqueeze(1)
+    if grad is not None:
+        target, weight = _row_weights(target, ignore_index, scale.to(acc), n_rows)
     else:
-        ignored = target == ignore_index
-        target = target.masked_fill(ignored, 0)  # ignored rows read class 0, harmlessly
-        weight = (~ignored).to(torch.float32).mul_(grad_scale)  # the reduction's scale, 0 on ignored rows
-        at_target = weight * -(1 - eps)
+        target = target.long().unsqueeze(1)
+        weight = None
+        if ignored is not None:
+            target = target.masked_fill(ignored, 0)  # ignored rows read class 0, harmlessly
+    stats = torch.empty(2, n_rows, 1, dtype=acc, device=logits.device)
     rows = max(1, CHUNK_ELEMENTS // n_cols)
-    # The gradient's own rows are the working buffer for fp32; lower precisions work in the fp32
-    # copy that upcasting makes anyway; only fp32 without a gradient needs scratch space.
-    direct = grad is not None and grad.dtype == torch.float32
+    # The gradient's own rows are the working buffer when it has the accumulator's dtype; lower
+    # precisions work in the copy that upcasting makes anyway; only an acc-dtype input without a
+    # gradient needs scratch space.
+    direct = grad is not None and grad.dtype == acc
     scratch = None
-    if grad is None and logits.dtype == torch.float32:
-        scratch = torch.empty(min(rows, n_rows), n_cols, dtype=torch.float32, device=logits.device)
+    if grad is None and logits.dtype == acc:
+        scratch = torch.empty(min(rows, n_rows), n_cols, dtype=acc, device=logits.device)
     losses = []
-    for x, t, g, w, at, ign in _row_chunks(n_rows, rows, logits, target, grad, weight, at_target, ignored):
-        x = x.float()
+    chunks = _row_chunks(n_rows, rows, logits, target, grad, weight, ignored, stats[0], stats[1])
+    for x, t, g, w, ign, shift_out, denominator_out in chunks:
+        x = x.to(acc)
         buf = g if direct else x if scratch is None else scratch[: len(x)]
-        row_loss = _loss_and_softmax(x, t, eps, None if g is None else w, buf)
+        x_target = x.gather(1, t)  # read before buf may overwrite x
+        x_mean = x.mean(1, keepdim=True) if eps else None
+        low, high = torch.aminmax(x)
+        if -EXP_SAFE <= low.item() and high.item() <= EXP_SAFE:
+            shift = None
+            denominator = torch.exp(x, out=buf).sum(1, keepdim=True)
+        else:  # extreme or infinite logits: shift by the row max
+            m = x.amax(1, keepdim=True)
+            shift = m.masked_fill(m == float("-inf"), 0.0)  # exp(-inf - 0) adds 0, not nan
+            denominator = torch.sub(x, shift, out=buf).exp_().sum(1, keepdim=True)
+        # Per row only, in fp64: lse - x_target in fp32 would round to ulp(lse) ~ 4e-6, coarse next
+        # to a confident row's loss.
+        log_d = torch.log(denominator.double())  # not in place: for fp64, .double() is the same tensor
+        if shift is None:
+            loss = log_d - x_target
+            smooth = (log_d - x_mean) if eps else None
+            shift_out.zero_()
+        else:
+            loss = (m - x_target) + log_d
+            smooth = ((m - x_mean) + log_d) if eps else None
+            shift_out.copy_(shift)
+        if eps:
+            loss = (1 - eps) * loss + eps * smooth
+        loss = loss.to(acc)
+        denominator_out.copy_(denominator)
         if ign is not None:
-            row_loss.masked_fill_(ign, 0.0)
-        losses.append(row_loss)
+            loss.masked_fill_(ign, 0.0)
+        losses.append(loss)
         if g is not None:
-            # buf holds softmax * w: subtract eps * w / V everywhere and (1 - eps) * w at the target.
-            if eps:
-                buf.sub_(w * (eps / n_cols))
-            buf.scatter_add_(1, t, at)
+            # buf holds exp(x - shift): scale it to softmax * w, then subtract eps * w / V everywhere
+            # and (1 - eps) * w at the target.
+            _finish_grad(buf, t, w, denominator.reciprocal_(), eps, n_cols)
             if not direct:
                 g.copy_(buf)
-    return torch.cat(losses).view(-1)
+    return torch.cat(losses).view(-1), stats.view(2, n_rows)
+
+
+def _finish_grad(buf, t, w, inv_denominator, eps, n_cols):
+    """buf = exp(x - shift) becomes (softmax - (1 - eps) * onehot - eps / V) * w, in place."""
+    # The target's entry p - (1 - eps) - eps / V cancels: it is computed on its own from the
+    # unscaled p, as the kernel does, and written over the rest, so it is exact to fp32 at any w
+    # (a one-class row gets 0) without a second pass over the chunk to scale after subtracting.
+    at_target = buf.gather(1, t).mul_(inv_denominator).sub_(1 - eps)
+    buf.mul_(inv_denominator.mul_(w))
+    if eps:
+        at_target.sub_(eps / n_cols)
+        buf.sub_(w * (eps / n_cols))
+    buf.scatter_(1, t, at_target.mul_(w))
+
+
+def _torch_backward(logits, target, stats, scale, grad, ignore_index, label_smoothing):
+    """Write the gradient of 2-D ``logits`` into ``grad``: one read of the logits, one write."""
+    n_rows, n_cols = logits.shape
+    acc = stats.dtype
+    target, weight = _row_weights(target, ignore_index, scale.to(acc), n_rows)
+    shift, denominator = stats.unsqueeze(2)
+    direct = grad.dtype == acc
+    rows = max(1, CHUNK_ELEMENTS // n_cols)
+    for x, t, g, w, s, d in _row_chunks(n_rows, rows, logits, target, grad, weight, shift, denominator):
+        # exp of a half tensor is computed in half (e**11.1 is inf there): upcast first.
+        x = x.to(acc)
+        buf = g if direct else x
+        if s.any():
+            torch.sub(x, s, out=buf).exp_()
+        else:
+            torch.exp(x, out=buf)
+        _finish_grad(buf, t, w, d.reciprocal(), label_smoothing, n_cols)
+        if not direct:
+            g.copy_(buf)
+
+
+def _torch_rescale(grad, scale):
+    """grad *= scale; on the host's own device, skipping an exact 1 costs nothing to decide."""
+    if scale.dim() == 0:
+        if scale.item() != 1.0:
+            grad.mul_(scale.to(grad.dtype))
+    elif not bool((scale == 1.0).all()):
+        grad.mul_(scale.to(grad.dtype).unsqueeze(1))
 
 
 def _row_chunks(n_rows, rows, *values):
@@ -337,6 +584,8 @@ def _row_chunks(n_rows, rows, *values):
 # Autograd glue, shared by both backends.
 
 _FORWARD = {"triton": _triton_forward, "torch": _torch_forward}
+_BACKWARD = {"triton": _triton_backward, "torch": _torch_backward}
+_RESCALE = {"triton": _triton_rescale, "torch": _torch_rescale}
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -347,48 +596,72 @@ class _CrossEntropy(torch.autograd.Function):
         n_cols = logits.shape[-1]
         x = logits if logits.dim() == 2 else logits.reshape(-1, n_cols)  # a view whenever strides allow
         t = target if target.dim() == 1 else target.reshape(-1)
+        acc = _accumulator(logits.dtype)
         count = None
         if reduction == "mean":
-            count = int((t != ignore_index).sum()) if may_ignore else t.numel()
-        grad = None
-        if want_grad:
-            if inplace_grad:
-                grad = x
-                torch.autograd.graph.increment_version(logits)  # autograd then rejects stale uses of the logits
-            else:
-                grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        # A mean over no targets has no gradient to scale: every row is ignored and gets zeros.
-        grad_scale = 1.0 / count if count else 1.0
+            # A device tensor, never read on the host; a plain int when nothing can be ignored.
+            count = (t != ignore_index).sum() if may_ignore else t.numel()
+        fused = want_grad and inplace_grad
+        grad = scale = None
+        if fused:
+            grad = x
+            torch.autograd.graph.increment_version(logits)  # autograd then rejects stale uses of the logits
+            # The reduction's scale; a mean over no targets gives inf, which ignored rows never see.
+            scale = torch.ones((), dtype=acc, device=x.device)
+            if count is not None:
+                scale = scale / count
+        ignored = ignore_index if may_ignore else None
         if t.numel():
-            rows = _FORWARD[backend](x, t, grad, ignore_index if may_ignore else None, label_smoothing, grad_scale)
+            rows, stats = _FORWARD[backend](x, t, grad, scale, ignored, label_smoothing)
         else:
-            rows = x.new_zeros(0, dtype=torch.float32)
+            rows, stats = x.new_zeros(0, dtype=acc), x.new_zeros(2, 0, dtype=acc)
 
-        ctx.grad = grad if grad is None or logits.dim() == 2 else grad.view(logits.shape)
-        ctx.reduction = reduction
+        ctx.fused, ctx.reduction, ctx.count, ctx.backend = fused, reduction, count, backend
+        ctx.ignore_index, ctx.label_smoothing, ctx.shape = ignored, label_smoothing, logits.shape
+        if fused:
+            ctx.grad = grad if logits.dim() == 2 else grad.view(logits.shape)
+        elif want_grad:
+            ctx.save_for_backward(x, t, stats)
         if reduction == "none":
             return rows.view(target.shape).to(logits.dtype)
         total = rows.sum()
         return (total if count is None else total / count).to(logits.dtype)  # 0 / 0: nan, as PyTorch
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        # Handing over the buffer (rather than keeping a reference) lets autograd store it as .grad
-        # without a copy.
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
+        # Grad mode is on here only under create_graph=True. The gradient is computed by kernels,
+        # outside autograd: refuse rather than return one with no grad_fn, which would read as a
+        # zero second derivative.
+        if torch.is_grad_enabled():
             raise RuntimeError(
-                "kernels.cross_entropy computes its gradient during forward and hands it over on the first "
-                "backward; run the forward again instead of backpropagating through it twice"
+                "cross_entropy cannot differentiate twice (backward ran with create_graph=True); use "
+                "F.cross_entropy for higher-order gradients"
             )
-        if ctx.reduction == "none":
-            grad.mul_(grad_output.unsqueeze(-1))
-        elif not (grad_output.device.type == "cpu" and grad_output.item() == 1.0):
-            # On CPU, skipping a multiply by exactly 1 (loss.backward()) saves a pass over (N, V); on
-            # CUDA reading the value would cost a device sync, dearer than the pass.
-            grad.mul_(grad_output)
-        return grad, None, None, None, None, None, None, None, None
+        acc = _accumulator(grad_output.dtype)
+        scale = grad_output.to(acc)
+        if ctx.fused:
+            # The gradient was written during forward, scaled for the reduction: hand the buffer
+            # over (autograd stores it as .grad without a copy) after multiplying by the incoming
+            # gradient where that is not 1.
+            grad, ctx.grad = ctx.grad, None
+            if grad is None:
+                raise RuntimeError(
+                    "cross_entropy(inplace_grad=True) writes its gradient during forward and hands it over "
+                    "on the first backward; it cannot backpropagate twice (run the forward again, or leave "
+                    "inplace_grad off)"
+                )
+            if grad.numel():
+                g = grad if grad.dim() == 2 else grad.view(-1, grad.shape[-1])
+                _RESCALE[ctx.backend](g, scale.reshape(-1) if ctx.reduction == "none" else scale)
+            return grad, None, None, None, None, None, None, None, None
+        x, t, stats = ctx.saved_tensors
+        if ctx.reduction == "mean":
+            scale = scale / ctx.count  # on the device
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if t.numel():
+            scale = scale.reshape(-1) if ctx.reduction == "none" else scale
+            _BACKWARD[ctx.backend](x, t, stats, scale, grad, ctx.ignore_index, ctx.label_smoothing)
+        return grad.view(ctx.shape), None, None, None, None, None, None, None, None
 
 
 def cross_entropy(
@@ -404,23 +677,27 @@ def cross_entropy(
     """Softmax cross-entropy of ``logits`` (..., V) against class indices ``target`` (...).
 
     Matches ``torch.nn.functional.cross_entropy`` for class-index targets (int64 or int32), with
-    the same ``ignore_index``, ``reduction`` and ``label_smoothing``; the loss has the logits'
-    dtype and is accumulated in fp32.
+    the same ``ignore_index``, ``reduction`` and ``label_smoothing``, except that the classes are
+    the LAST dimension of ``logits`` (F.cross_entropy takes them in dim 1). The loss has the
+    logits' dtype; float64 logits are computed in float64, the others accumulate in float32.
 
-    inplace_grad: write the gradient into the logits' storage instead of a new buffer. The
-        logits are overwritten by the forward call, so nothing else may read them afterwards.
+    inplace_grad: write the gradient into the logits' storage during forward (2 passes over the
+        logits instead of 3, see the module docstring). The logits are overwritten by the forward
+        call, so nothing else may read them afterwards, and backward runs once per forward.
     backend: "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1), "torch" (the fused PyTorch
-        fallback), or "auto": Triton for CUDA tensors, otherwise the fallback, or for fewer than
-        ATEN_BELOW logits (without inplace_grad) F.cross_entropy itself, which is faster there.
-        Unset, $MAKEMORE_XENT_BACKEND decides, defaulting to "auto".
-
-    The gradient is computed during forward, so backward runs at most once per forward.
+        fallback), or "auto": Triton for CUDA tensors, otherwise the fallback, or below
+        CUDA_ATEN_BELOW / ATEN_BELOW logits (without inplace_grad) F.cross_entropy itself, which
+        is faster there. Unset, $MAKEMORE_XENT_BACKEND decides, defaulting to "auto".
     """
     _check_arguments(logits, target, reduction, label_smoothing)
     backend = _pick_backend(backend, logits, inplace_grad)
     if backend == "aten":
         return _aten_cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
-    may_ignore = _check_targets(logits, target, ignore_index)
+    if logits.device.type == "cuda":
+        _assert_targets_on_device(target, logits.shape[-1], ignore_index)
+        may_ignore = True
+    else:
+        may_ignore = _check_targets(logits, target, ignore_index)
     # Inside forward grad mode is always off and needs_input_grad ignores it, so decide here.
     want_grad = logits.requires_grad and torch.is_grad_enabled()
     return _CrossEntropy.apply(
@@ -429,9 +706,12 @@ def cross_entropy(
 
 
 def _aten_cross_entropy(logits, target, ignore_index, reduction, label_smoothing):
-    """F.cross_entropy on the (..., V) layout, with this module's error for a bad target."""
-    if logits.device.type != "cpu":
-        _check_targets(logits, target, ignore_index)  # a bad target would be a device-side assert
+    """F.cross_entropy on the (..., V) layout, with this module's error for a bad target on CPU.
+
+    On CUDA F.cross_entropy asserts on a bad target on the device itself, without a sync.
+    """
+    if logits.device.type not in ("cpu", "cuda"):
+        _check_targets(logits, target, ignore_index)
     rows, row_targets = logits, target
     if logits.dim() != 2:  # F.cross_entropy wants the classes in dim 1; (N, V) skips a view node in the graph
         rows, row_targets = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)

@@ -7,9 +7,12 @@ it by accident. On a machine with CUDA the Triton cases run here, on the GPU.
 """
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
+import unittest
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -241,12 +244,54 @@ def test_without_autograd_no_gradient_is_written(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_second_backward_is_refused(backend):
+def test_second_backward_recomputes_the_gradient(backend):
+    """The default mode keeps the logits, not a gradient: a retained graph backpropagates again, as F.cross_entropy's does."""
     logits, target = make_case(4, 27, device=device_for(backend))
-    loss = cross_entropy(logits.requires_grad_(), target, backend=backend)
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, target, backend=backend, label_smoothing=0.1)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="twice"):
+    first = x.grad.clone()
+    (loss * 3).backward()
+    torch.testing.assert_close(x.grad, 4 * first)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward_with_inplace_grad_is_refused(backend):
+    logits, target = make_case(4, 27, device=device_for(backend))
+    loss = cross_entropy(logits.requires_grad_(), target, inplace_grad=True, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot backpropagate twice"):
         loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace_grad", [False, True])
+def test_double_backward_is_refused(backend, inplace_grad):
+    logits, target = make_case(4, 27, device=device_for(backend))
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x * 1, target, inplace_grad=inplace_grad, backend=backend)
+    with pytest.raises(RuntimeError, match="cannot differentiate twice.*create_graph=True"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", [27, 1000, 20_000])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("inplace_grad", [False, True])
+def test_float64_is_computed_in_float64(backend, v, reduction, inplace_grad):
+    """fp32 arithmetic would be off by ~1e-7 relative; fp64 agrees with F.cross_entropy to ~1e-15."""
+    logits, target = make_case(5, v, ignore="some", dtype=torch.float64, scale=10.0, device=device_for(backend))
+    x = logits.clone().requires_grad_()
+    scaled = x * 1  # non-leaf, so inplace_grad may overwrite it
+    loss = cross_entropy(scaled, target, reduction=reduction, inplace_grad=inplace_grad, backend=backend)
+    x_ref = logits.clone().requires_grad_()
+    ref = F.cross_entropy(x_ref, target, reduction=reduction)
+    upstream = torch.linspace(0.5, 2.0, ref.numel(), dtype=torch.float64, device=ref.device).view(ref.shape)
+    (loss * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-15)
 
 
 # --- tiling: several chunks (fallback) and several tiles per row or rows per tile (Triton) ---
@@ -293,6 +338,182 @@ def test_triton_64_bit_offsets():
     loss = cross_entropy(logits, target, reduction="none", backend="triton")
     ref = F.cross_entropy(logits[-4:].float(), target[-4:], reduction="none").half()
     torch.testing.assert_close(loss[-4:], ref, rtol=1e-3, atol=1e-3)
+
+
+# --- memory traffic: passes over the (N, V) data, counted element by element in the interpreter ---
+
+
+@contextmanager
+def interpreter_traffic():
+    """Record every address the interpreted kernels load and store (masked-off lanes excluded).
+
+    Yields a function ``passes(kind, tensor)``: elements of ``kind`` ("load" or "store") that fell
+    in ``tensor``'s storage, over the tensor's element count, and resets the record.
+    """
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    record = {"load": [], "store": []}
+    originals = {name: getattr(builder, name) for name in ("create_load", "create_masked_load", "create_store", "create_masked_store")}
+
+    def keep(kind, ptrs, mask=None):
+        addresses = ptrs.data.reshape(-1)
+        record[kind].append(addresses if mask is None else addresses[mask.data.reshape(-1)])
+
+    def create_load(self, ptr, *args):
+        keep("load", ptr)
+        return originals["create_load"](self, ptr, *args)
+
+    def create_masked_load(self, ptrs, mask, *args):
+        keep("load", ptrs, mask)
+        return originals["create_masked_load"](self, ptrs, mask, *args)
+
+    def create_store(self, ptr, value, *args):
+        keep("store", ptr)
+        return originals["create_store"](self, ptr, value, *args)
+
+    def create_masked_store(self, ptrs, value, mask, *args):
+        keep("store", ptrs, mask)
+        return originals["create_masked_store"](self, ptrs, value, mask, *args)
+
+    def passes(kind, tensor):
+        low = tensor.untyped_storage().data_ptr()
+        high = low + tensor.untyped_storage().nbytes()
+        hits = sum(int(((a >= low) & (a < high)).sum()) for a in record[kind])
+        return hits / tensor.numel()
+
+    def reset():
+        record["load"].clear()
+        record["store"].clear()
+
+    passes.reset = reset
+    patches = dict(create_load=create_load, create_masked_load=create_masked_load, create_store=create_store, create_masked_store=create_masked_store)
+    for name, fn in patches.items():
+        setattr(builder, name, fn)
+    try:
+        yield passes
+    finally:
+        for name, fn in originals.items():
+            setattr(builder, name, fn)
+
+
+# (rows, V, tile): one tile per row (several rows a program), and rows swept in several tiles,
+# both at the GPU's tile size and at a small one.
+PASS_CASES = [(40, 65, None), (3, 20_000, None), (7, 65, 32), (5, 300, 64)]
+
+
+@pytest.mark.skipif(not xent.INTERPRET, reason="counts loads and stores in Triton's interpreter (runs in its subprocess)")
+@pytest.mark.parametrize("n, v, tile", PASS_CASES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_triton_default_mode_makes_three_passes(monkeypatch, n, v, tile, reduction):
+    """Forward reads the logits once and writes nothing (N, V)-sized; backward reads them once and writes the gradient once."""
+    if tile:
+        monkeypatch.setattr(xent, "TILE", tile)
+    logits, target = make_case(n, v, ignore="some")
+    x = logits.clone().requires_grad_()
+    with interpreter_traffic() as passes:
+        loss = cross_entropy(x, target, reduction=reduction, label_smoothing=0.1, backend="triton")
+        assert (passes("load", x), passes("store", x)) == (1, 0)
+        passes.reset()
+        upstream = torch.linspace(0.5, 2.0, loss.numel()).view(loss.shape)
+        (loss * upstream).sum().backward()
+        assert (passes("load", x), passes("store", x)) == (1, 0)
+        assert (passes("load", x.grad), passes("store", x.grad)) == (0, 1)
+    check(logits, target, "triton", reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.skipif(not xent.INTERPRET, reason="counts loads and stores in Triton's interpreter (runs in its subprocess)")
+@pytest.mark.parametrize("n, v, tile", PASS_CASES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_triton_inplace_mode_makes_two_passes(monkeypatch, n, v, tile, reduction):
+    """Forward reads the logits once (twice when a row spans tiles) and writes the gradient over them;
+    backward touches it only where the incoming gradient is not 1, decided by the kernel."""
+    if tile:
+        monkeypatch.setattr(xent, "TILE", tile)
+    single_tile = v <= min(xent.TILE, xent.BLOCK_V_MAX)
+    logits, target = make_case(n, v, ignore="some")
+    launches, launch = [], xent._launch
+    monkeypatch.setattr(xent, "_launch", lambda kernel, *args, **meta: launches.append(kernel) or launch(kernel, *args, **meta))
+    for upstream_is_one in (True, False):
+        x = logits.clone().requires_grad_()
+        scaled = x * 1
+        with interpreter_traffic() as passes:
+            loss = cross_entropy(scaled, target, reduction=reduction, label_smoothing=0.1, inplace_grad=True, backend="triton")
+            assert (passes("load", scaled), passes("store", scaled)) == (1 if single_tile else 2, 1)
+            passes.reset()
+            launches.clear()
+            if upstream_is_one:
+                upstream = torch.ones_like(loss)
+            else:  # every third row keeps an incoming gradient of 1 and is left alone
+                upstream = torch.where(torch.arange(loss.numel()) % 3 == 0, 1.0, 2.5).view(loss.shape) if loss.dim() else torch.tensor(2.5)
+            loss.backward(upstream)
+            touched = 0.0 if upstream_is_one else float((upstream.reshape(-1) != 1).float().mean()) if loss.dim() else 1.0
+            assert launches == [xent._rescale_kernel]  # the host launched it without looking at the value
+            assert passes("load", scaled) == pytest.approx(touched) and passes("store", scaled) == pytest.approx(touched)
+        x_ref = logits.double().requires_grad_()
+        ref = F.cross_entropy(x_ref, target, reduction=reduction, label_smoothing=0.1)
+        (ref * upstream.double()).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad.float(), rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(loss, ref.float(), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opinfo_samples_with_classes_last(backend):
+    """PyTorch's own OpInfo samples for nn.functional.cross_entropy (class-index targets, no class weights)."""
+    if importlib.util.find_spec("expecttest") is None:
+        # torch.testing._internal imports it only for its TestCase base class; the samples do not need it.
+        sys.modules["expecttest"] = SimpleNamespace(TestCase=unittest.TestCase)
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    op = next(op for op in op_db if op.name == "nn.functional.cross_entropy")
+    device = device_for(backend)
+    tried = 0
+    for sample in op.sample_inputs(device, torch.float32, requires_grad=True):
+        target = sample.args[0] if sample.args else sample.kwargs["target"]
+        if target.is_floating_point() or sample.kwargs.get("weight") is not None:
+            continue  # class probabilities and class weights are outside this module's API
+        kwargs = {k: v for k, v in sample.kwargs.items() if k in ("reduction", "ignore_index", "label_smoothing")}
+        ref = F.cross_entropy(sample.input, target, **kwargs)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), sample.input)
+        x = sample.input.detach().movedim(1, -1).clone().requires_grad_() if sample.input.dim() > 1 else sample.input.detach().clone().requires_grad_()
+        loss = cross_entropy(x, target, backend=backend, **kwargs)
+        loss.sum().backward()
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(x.grad if x.dim() == 1 else x.grad.movedim(-1, 1), ref_grad)
+        tried += 1
+    assert tried >= 6
+
+
+def test_device_target_check_is_an_assert_not_a_host_read():
+    """On CUDA the range check is torch._assert_async (no sync); on CPU tensors the same call raises at once."""
+    target = torch.tensor([0, 26, -100])
+    xent._assert_targets_on_device(target, 27, -100)
+    with pytest.raises(RuntimeError, match=r"out of range.*\[0, 27\).*ignore_index=-100"):
+        xent._assert_targets_on_device(torch.tensor([0, 27]), 27, -100)
+
+
+@pytest.mark.parametrize("numel, inplace_grad, expected", [(32 * 27, False, "aten"), (32 * 27, True, "triton"), (4096 * 50257, False, "triton")])
+def test_auto_on_cuda_takes_f_cross_entropy_for_small_problems(numel, inplace_grad, expected):
+    if xent.triton is None:
+        pytest.skip("triton is not installed")
+    logits = SimpleNamespace(device=torch.device("cuda"), numel=lambda: numel)
+    assert xent._pick_backend(None, logits, inplace_grad) == expected
+
+
+@pytest.mark.skipif(not CUDA_TRITON, reason="needs a GPU")
+@pytest.mark.parametrize("inplace_grad", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_triton_never_synchronises_with_the_host(inplace_grad, reduction):
+    logits, target = make_case(512, 50257, ignore="some", device="cuda")
+    x = logits.clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = cross_entropy(x * 1, target, reduction=reduction, inplace_grad=inplace_grad, label_smoothing=0.1, backend="triton")
+        loss.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    check(logits, target, "triton", reduction=reduction, label_smoothing=0.1, rtol=1e-4)
 
 
 # --- property tests ---------------------------------------------------------------------------
