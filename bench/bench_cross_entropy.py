@@ -19,7 +19,6 @@ during the timed call beyond what was held before it (it counts the gradient tha
 ``logits.grad``); ``nv_buffers`` is the same peak in units of one (N, V) logits-sized buffer.
 """
 
-import os
 from functools import partial
 
 import pytest
@@ -27,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.conftest import cuda_ms, peak_mib, synchronized
+from bench.conftest import QUICK
 from makemore.kernels import cross_entropy
 
-QUICK = os.environ.get("MAKEMORE_BENCH_QUICK", "") not in ("", "0")
 N = 64 if QUICK else 4096
 VOCABS = [27, 256] if QUICK else [27, 65, 256, 32768, 131072]
 PHASES = ["forward", "backward", "forward+backward"]
