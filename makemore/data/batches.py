@@ -124,9 +124,6 @@ class StreamSource:
         self.ids = dict(zip(self.splits, stream_split(ids)))
         self.where = where
 
-    def n_targets(self, split: str) -> int:
-        return len(self.ids[split])
-
     def check(self, layout: str, R: int, seq_len: int) -> None:
         """One clear error, before any training, if a split is too short for the batches or the evaluation."""
         self._check_span("train", R + (1 if layout == "windows" else seq_len))
