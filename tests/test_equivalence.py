@@ -47,10 +47,13 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def no_tf32():
     """TF32 convolutions (cuDNN's default) round to 10 bits; the bounds here are for true float32."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    cudnn = torch.backends.cudnn
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    # flags(): the only way allowed once torch.testing._internal (the OpInfo test) has frozen cudnn's global flags.
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False):
+        yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def trained_model(config: WaveNetConfig, steps: int, seed: int = 0) -> WaveNet:
