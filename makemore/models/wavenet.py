@@ -16,7 +16,7 @@ place the levels are walked:
   side, ``"conv1d"`` as F.conv1d with the same weight (tap 0 = W[:C].T meets the left child).
   Levels where no two outputs share a node (2^i > T) are finished per window, which is cheaper.
 - cached generation (``prefill`` / ``step``): a ring buffer of the last 2^i nodes of level i, so
-  each new token costs one node per level.
+  each new token costs one node per level, with eval-mode BatchNorm folded into the Linear.
 
 A block sees its two children separately: ``mix`` is linear in [left; right] (so a level can be a
 GEMM over pairs or a dilated convolution), ``activate(y, right, mask)`` is pointwise per node.
@@ -90,6 +90,22 @@ class TreeBlock(nn.Module):
         if self.fused:
             return batch_norm_tanh(y, self.bn, mask)
         return torch.tanh(self.bn(y, mask))
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eval mode as one affine map before the tanh: (W_left, W_right, bias), BatchNorm folded into the Linear.
+
+        tanh(BN(x @ W)) = tanh(x @ (W * s) + (beta - mean * s)), s = gamma / sqrt(var + eps):
+        the same function, rounded differently, for the cached steps of generation.
+        """
+        bn = self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        weight = self.linear.weight * scale  # (2·C_in, C_out)
+        return weight[: self.c_in], weight[self.c_in :], bn.bias - bn.running_mean * scale
+
+    def step(self, left: torch.Tensor, right: torch.Tensor, folded) -> torch.Tensor:
+        """One node from its two children (N, C_in) each, with ``folded()``'s map: two GEMMs, no concatenation."""
+        w_left, w_right, bias = folded
+        return torch.tanh(torch.addmm(bias, left, w_left).addmm_(right, w_right))
 
 
 class WaveNet(LanguageModel):
@@ -168,21 +184,23 @@ class WaveNet(LanguageModel):
         window = left_pad(idx, self.block_size)[:, -self.block_size :]  # (N, B): positions 0 .. B-1
         rings: list[torch.Tensor] = []
         x = self._walk(self.wte(window), 1, None, len(self.blocks), record=rings)  # every level at every position
-        return self.lm_head(x[:, -1]), _Rings([r.contiguous() for r in rings], self.block_size)
+        folded = [block.folded() for block in self.blocks]
+        return self.lm_head(x[:, -1]), _Rings([r.contiguous() for r in rings], self.block_size, folded)
 
     def step(self, token: torch.Tensor, cache: "_Rings"):
         x = self.wte(token)  # (N, n_embd): the node at position t of level 0
-        for i, (block, ring) in enumerate(zip(self.blocks, cache.rings)):
+        for i, (block, ring, folded) in enumerate(zip(self.blocks, cache.rings, cache.folded)):
             slot = cache.t % 2**i
-            y = block.mix(torch.cat([ring[:, slot], x], dim=-1))  # left child: position t - 2^i
+            left = ring[:, slot].clone()  # position t - 2^i; a copy, since autograd may keep it and its slot is reused
             ring[:, slot] = x  # position t replaces t - 2^i, no longer needed
-            x = block.activate(y, x, None)
+            x = block.step(left, x, folded)
         cache.t += 1
         return self.lm_head(x), cache
 
 
 class _Rings:
-    """Per level i, the last 2^i nodes (N, 2^i, C) of block i's input; ``t``, the next position."""
+    """Per level i, the last 2^i nodes (N, 2^i, C) of block i's input; ``t``, the next position;
+    each block's eval-mode map with BatchNorm folded in (computed once per generation)."""
 
-    def __init__(self, rings: list[torch.Tensor], t: int):
-        self.rings, self.t = rings, t
+    def __init__(self, rings: list[torch.Tensor], t: int, folded: list):
+        self.rings, self.t, self.folded = rings, t, folded
