@@ -1,6 +1,7 @@
 """Every model keeps one contract (see base.py); MODELS maps the CLI's names to (class, config class)."""
 
 from .base import LanguageModel
+from .gated import GATED_ORDERS, GatedLayer, GatedWaveNet, GatedWaveNetConfig
 from .mlp import MLP, MLPConfig
 from .ngram import NeuralBigram, NeuralBigramConfig, NGram, NGramConfig
 from .wavenet import ORDERS, TreeBlock, WaveNet, WaveNetConfig
@@ -10,6 +11,7 @@ MODELS = {
     "neural-bigram": (NeuralBigram, NeuralBigramConfig),
     "mlp": (MLP, MLPConfig),
     "wavenet": (WaveNet, WaveNetConfig),
+    "gated": (GatedWaveNet, GatedWaveNetConfig),
 }
 
 
@@ -22,4 +24,5 @@ def build_model(name: str, config) -> LanguageModel:
 __all__ = [
     "LanguageModel", "MODELS", "build_model", "NGram", "NGramConfig", "NeuralBigram", "NeuralBigramConfig",
     "MLP", "MLPConfig", "ORDERS", "TreeBlock", "WaveNet", "WaveNetConfig",
+    "GATED_ORDERS", "GatedLayer", "GatedWaveNet", "GatedWaveNetConfig",
 ]  # fmt: skip

@@ -44,11 +44,11 @@ ORDERS = ("conv", "conv1d", "windows")
 class WaveNetConfig:
     vocab_size: int = 27
     block_size: int = field(default=8, metadata={"help": "mlp, wavenet: tokens of context per prediction (wavenet: a power of two)"})
-    n_embd: int = field(default=24, metadata={"help": "mlp, wavenet: embedding width"})
-    n_hidden: int = field(default=128, metadata={"help": "mlp, wavenet: hidden width"})
+    n_embd: int = field(default=24, metadata={"help": "mlp, wavenet: embedding width; gated: the residual width"})
+    n_hidden: int = field(default=128, metadata={"help": "mlp, wavenet: hidden width; gated: the gate width"})
     order: str = field(
         default="conv",
-        metadata={"help": "wavenet: evaluation order, conv (shifted-view matmuls), conv1d (F.conv1d) or windows (per window, the lecture's form)", "choices": ORDERS},
+        metadata={"help": "wavenet: evaluation order, conv (shifted-view matmuls), conv1d (F.conv1d) or windows (per window, the lecture's form); gated: conv or windows", "choices": ORDERS},
     )
     fused: bool = field(
         default=False,

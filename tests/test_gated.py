@@ -1,0 +1,182 @@
+"""The gated residual WaveNet (the paper's block): every order gives the paper's function.
+
+A brute force written from the paper's equations, node by node over one window, is the reference
+for (a) the per-window loop, (b) batched windows (conv stacks, then the last stack as a tree),
+(c) the whole-sequence convolution and (d) cached incremental steps: the same logits, loss and
+every parameter's gradient, at receptive fields from 2 to 1024 and with several stacks.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from makemore.data import IGNORE_INDEX
+from makemore.models import GatedWaveNet, GatedWaveNetConfig
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max abs diff of unit-scale logits
+GRAD_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}  # max abs diff / max abs value, per parameter
+
+# (n_levels, stacks, sequences, outputs per sequence): receptive fields 2, 8, 10, 31, 256, 1024.
+CASES = [(1, 1, 3, 5), (3, 1, 2, 9), (2, 3, 2, 6), (4, 2, 2, 7), (8, 1, 2, 5), (10, 1, 1, 3)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def make(n_levels, stacks, seed=0, vocab_size=11, **kw) -> GatedWaveNet:
+    torch.manual_seed(seed)
+    config = GatedWaveNetConfig(vocab_size, **{"n_embd": 6, "n_hidden": 5, "n_skip": 7, **kw}, n_levels=n_levels, stacks=stacks)
+    model = GatedWaveNet(config)
+    with torch.no_grad():  # away from init: non-zero biases everywhere, so that no term can hide
+        for p in model.parameters():
+            p += 0.1 * torch.randn_like(p)
+    return model
+
+
+def brute_force(model: GatedWaveNet, window: torch.Tensor) -> torch.Tensor:
+    """Logits (V,) for the token after ``window`` (R,), from the paper's equations, one node at a time."""
+    C, G = model.config.n_embd, model.config.n_hidden
+    x = {s: model.wte.weight[window[s]] for s in range(len(window))}  # level 0, by position
+    skip = model.skip_bias
+    for layer in model.layers:
+        d, W, b = layer.dilation, layer.conv.weight, layer.conv.bias
+        z = {}
+        for s in x:
+            if s - d in x:
+                pair = torch.cat([x[s - d], x[s]])
+                z[s] = torch.tanh(pair @ W[:, :G] + b[:G]) * torch.sigmoid(pair @ W[:, G:] + b[G:])
+        skip = skip + z[len(window) - 1] @ layer.skip.weight
+        if layer.res is not None:
+            x = {s: x[s] + z[s] @ layer.res.weight for s in z}
+    assert C == model.wte.weight.shape[1]
+    return model.lm_head(F.relu(model.head(F.relu(skip))))
+
+
+def in_order(model, order, logits_of):
+    def run():
+        saved, model.order = model.order, order
+        try:
+            return logits_of()
+        finally:
+            model.order = saved
+
+    return run
+
+
+def cached_logits(model, S):
+    R = model.receptive_field
+    logits, cache = model.prefill(S[:, :R])
+    steps = [logits]
+    for t in range(R, S.shape[1]):
+        logits, cache = model.step(S[:, t], cache)
+        steps.append(logits)
+    return torch.stack(steps, 1)
+
+
+def loss_and_grads(model, logits_of, Y):
+    model.zero_grad(set_to_none=True)
+    logits = logits_of().reshape(*Y.shape, -1)
+    loss = model.loss(logits, Y)
+    loss.backward()
+    return logits.detach(), loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"levels{c[0]}x{c[1]}")
+def test_every_order_gives_the_same_logits_loss_and_gradients(case, dtype, device):
+    n_levels, stacks, N, T = case
+    model = make(n_levels, stacks).to(device, dtype)
+    R = model.receptive_field
+    S = torch.randint(0, 11, (N, R + T - 1), generator=torch.Generator().manual_seed(1)).to(device)
+    Y = torch.randint(0, 11, (N, T), generator=torch.Generator().manual_seed(2)).to(device)
+    Y[0, -1] = IGNORE_INDEX
+    X = S.unfold(1, R, 1).reshape(-1, R)  # (N·T, R): every output's window
+    with torch.no_grad():  # unit-scale logits, so that the absolute bounds mean what they say
+        std = model(S)[0].std()
+        model.lm_head.weight /= std
+        model.lm_head.bias /= std
+    paths = {
+        "a: per window": in_order(model, "windows", lambda: torch.cat([model(X[[i]])[0] for i in range(len(X))])),
+        "b: windows": in_order(model, "windows", lambda: model(S)[0]),
+        "c: conv": in_order(model, "conv", lambda: model(S)[0]),
+        "d: cached": lambda: cached_logits(model, S),
+    }
+    ref_logits, ref_loss, ref_grads = loss_and_grads(model, paths.pop("c: conv"), Y)
+    assert 0.5 < ref_logits.std() < 2
+    assert all(g.abs().max() > 0 for g in ref_grads.values())
+    for name, logits_of in paths.items():
+        logits, loss, grads = loss_and_grads(model, logits_of, Y)
+        assert (logits - ref_logits).abs().max() <= TOL[dtype], name
+        assert (loss - ref_loss).abs() <= TOL[dtype], name
+        assert grads.keys() == ref_grads.keys()
+        for p, g in grads.items():
+            assert (g - ref_grads[p]).abs().max() <= GRAD_RTOL[dtype] * ref_grads[p].abs().max(), (name, p)
+    if R <= 256:  # the brute force is a Python loop over nodes
+        for i in (0, len(X) - 1):
+            expected = brute_force(model, X[i])
+            assert (ref_logits.flatten(0, 1)[i] - expected).abs().max() <= TOL[dtype]
+
+
+@settings(max_examples=30, deadline=None)
+@given(n_levels=st.integers(1, 5), stacks=st.integers(1, 3), T=st.integers(1, 20), N=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_conv_and_windows_are_the_brute_force(n_levels, stacks, T, N, seed):
+    model = make(n_levels, stacks, seed=seed).double()
+    R = model.receptive_field
+    S = torch.randint(0, 11, (N, R + T - 1), generator=torch.Generator().manual_seed(seed))
+    conv = model(S)[0]
+    model.order = "windows"
+    assert (model(S)[0] - conv).abs().max() <= 1e-10
+    n, j = seed % N, seed % T
+    assert (conv[n, j] - brute_force(model, S[n, j : j + R])).abs().max() <= 1e-10
+
+
+def test_receptive_field_and_parameters():
+    config = GatedWaveNetConfig(65, n_embd=64, n_hidden=32, n_skip=128, n_levels=8, stacks=3)
+    model = GatedWaveNet(config)
+    assert model.receptive_field == 3 * 255 + 1 == 766
+    L, C, G, S, V = 24, 64, 32, 128, 65
+    expected = V * C + L * (2 * C * 2 * G + 2 * G + G * S) + (L - 1) * G * C + S + (S * S + S) + (S * V + V)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_every_parameter_gets_a_gradient():
+    """No parameter is left out of the graph (DistributedDataParallel refuses unused ones)."""
+    model = make(3, 2)
+    idx = torch.randint(0, 11, (2, model.receptive_field + 3))
+    model(idx, torch.randint(0, 11, (2, 4)))[1].backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("T0", [0, 3, 40])
+def test_cached_and_rerun_generation_give_the_same_tokens(T0):
+    model = make(3, 2, n_embd=16, n_hidden=16, n_skip=16).eval()
+    with torch.no_grad():
+        model.lm_head.weight *= 10  # sharp distributions: sampling is then a strict check
+    idx = torch.randint(1, 11, (4, T0))
+    outs = [model.generate(idx, 50, temperature=0.9, generator=torch.Generator().manual_seed(7), cached=cached) for cached in (False, True)]
+    assert outs[0].shape == (4, T0 + 50) and torch.equal(outs[0][:, :T0], idx)
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(n_levels=0), "--n-levels must be >= 1"),
+        (dict(stacks=0), "--stacks must be >= 1"),
+        (dict(n_skip=0), "--n-skip must be >= 1"),
+        (dict(n_levels=17), "--n-levels must be <= 16"),
+        (dict(order="conv1d"), "--order must be one of conv, windows for the gated model"),
+    ],
+)
+def test_config_errors(kw, message):
+    with pytest.raises(ValueError, match=message):
+        GatedWaveNetConfig(**kw)
