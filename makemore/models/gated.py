@@ -92,6 +92,61 @@ class GatedLayer(nn.Module):
     def residual(self, right: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.addmm(right, z, self.res.weight)  # (M, C)
 
+    def dilated(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer over a flat level x (M, C), children d rows apart: (z (M - d, G), x' (M - d, C) or None).
+
+        The same function as ``gate`` and ``residual`` on ``x[:-d]``, ``x[d:]``, with the backward
+        written by hand (``_DilatedGated``).
+        """
+        res = None if self.res is None else self.res.weight
+        return _DilatedGated.apply(x, self.dilation, self.conv.weight, self.conv.bias, res)
+
+
+class _DilatedGated(torch.autograd.Function):
+    """z = tanh(y_f) * sigmoid(y_g), y = x[:-d] @ W[:C] + x[d:] @ W[C:] + b, and x' = x[d:] + z @ W_res.
+
+    Autograd's composition materialises the gradient of each row slice of x (``x[:-d]``, ``x[d:]``
+    twice) as a zero-filled copy of x and sums them, and concatenates the two halves of dy; here
+    dx is written once, by two GEMMs into overlapping row ranges, and dy in place. Runs in the
+    input's dtype (autocast off): the gated model trains in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, d: int, weight, bias, res_weight):
+        with torch.autocast(x.device.type, enabled=False):
+            C, G = x.shape[1], weight.shape[1] // 2
+            y = torch.addmm(bias, x[:-d], weight[:C]).addmm_(x[d:], weight[C:])  # (M - d, 2G)
+            t, s = torch.tanh(y[:, :G]), torch.sigmoid(y[:, G:])
+            z = t * s
+            x_next = None if res_weight is None else torch.addmm(x[d:], z, res_weight)
+        ctx.d = d
+        ctx.save_for_backward(x, weight, res_weight, t, s, z)
+        return z, x_next
+
+    @staticmethod
+    def backward(ctx, dz, dx_next):
+        x, weight, res_weight, t, s, z = ctx.saved_tensors
+        d, (M, C), G = ctx.d, x.shape, t.shape[1]
+        dz = torch.zeros_like(z) if dz is None else dz
+        d_res = None
+        if res_weight is not None and dx_next is not None:
+            d_res = z.T @ dx_next  # (G, C)
+            dz = torch.addmm(dz, dx_next, res_weight.T)
+        dy = torch.empty(M - d, 2 * G, dtype=z.dtype, device=z.device)
+        dy_f, dy_g = dy[:, :G], dy[:, G:]
+        torch.mul(dz, s, out=dy_f)
+        torch.ops.aten.tanh_backward.grad_input(dy_f, t, grad_input=dy_f)  # * (1 - t^2)
+        torch.mul(dz, t, out=dy_g)
+        torch.ops.aten.sigmoid_backward.grad_input(dy_g, s, grad_input=dy_g)  # * s (1 - s)
+        d_weight = torch.cat([x[:-d].T @ dy, x[d:].T @ dy])  # (2C, 2G)
+        dx = torch.empty_like(x)
+        torch.mm(dy, weight[:C].T, out=dx[:-d])  # the left children: rows 0 .. M-d-1
+        dx[M - d :].zero_()
+        dx[d:].addmm_(dy, weight[C:].T)  # the right children: rows d .. M-1
+        if dx_next is not None:
+            dx[d:] += dx_next  # the residual passes the right child through
+        return dx, None, d_weight, dy.sum(0), d_res
+
 
 class GatedWaveNet(LanguageModel):
     """Embedding -> stacks x n_levels GatedLayers -> ReLU, Linear, ReLU, Linear on the skip sum."""
@@ -147,14 +202,12 @@ class GatedWaveNet(LanguageModel):
                 right = x[1::2]
                 z = layer.gate(x[0::2], right)
                 skip = torch.addmm(skip, z.view(N, -1, z.shape[-1])[:, -1], layer.skip.weight)  # the rightmost node
+                x = None if layer.res is None else layer.residual(right, z)
             else:  # rows d apart are the children: (M, C) -> (M - d, G)
-                right = x[d:]
-                z = layer.gate(x[:-d], right)
+                z, x = layer.dilated(x)
                 shift += d
                 outputs = z[R - 1 - shift :]  # rows aligned with the outputs
                 skip = torch.addmm(self.skip_bias if skip is None else skip, outputs, layer.skip.weight)
-            if layer.res is not None:
-                x = layer.residual(right, z)
         if tree_from == len(self.layers):
             skip = _unflat(skip, N, L, R - 1)[:, :T].reshape(N * T, -1)
         return skip
