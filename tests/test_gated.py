@@ -174,9 +174,39 @@ def test_cached_and_rerun_generation_give_the_same_tokens(T0):
         (dict(stacks=0), "--stacks must be >= 1"),
         (dict(n_skip=0), "--n-skip must be >= 1"),
         (dict(n_levels=17), "--n-levels must be <= 16"),
+        (dict(dropout=1.0), "--dropout must be in \\[0, 1\\)"),
         (dict(order="conv1d"), "--order must be one of conv, windows for the gated model"),
     ],
 )
 def test_config_errors(kw, message):
     with pytest.raises(ValueError, match=message):
         GatedWaveNetConfig(**kw)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("residual", [True, False])
+def test_hand_written_backward_is_the_gradient(p, residual):
+    """gradcheck in float64; the dropout mask is drawn from a reseeded generator, so every evaluation uses the same one."""
+    from makemore.models.gated import _DilatedGated
+
+    gen = torch.Generator().manual_seed(0)
+    x, W, b = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True) for shape in ((13, 4), (8, 6), (6,)))
+    W_res = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True) if residual else None
+
+    def layer(x, W, b, W_res):
+        torch.manual_seed(1)
+        z, x_next = _DilatedGated.apply(x, 3, W, b, W_res, p)
+        return (z, x_next) if residual else z
+
+    assert torch.autograd.gradcheck(layer, (x, W, b, W_res), eps=1e-6, atol=1e-8)
+
+
+def test_dropout_only_while_training():
+    model = make(3, 2, dropout=0.5)
+    reference = make(3, 2)
+    idx = torch.randint(0, 11, (2, model.receptive_field + 6))
+    assert torch.equal(model.eval()(idx)[0], reference.eval()(idx)[0])
+    model.train()
+    for order in ("conv", "windows"):
+        model.order = order
+        assert not torch.allclose(model(idx)[0], reference(idx)[0])

@@ -10,7 +10,7 @@ C = n_embd) it computes, for every position s,
 and the head is ReLU -> Linear(S, S) -> ReLU -> Linear(S, V) on the skip sum. ``stacks`` repeats
 the dilations 1 .. 2^(n_levels-1), so the receptive field is R = stacks * (2^n_levels - 1) + 1.
 No normalisation: nothing depends on the batch, so every order below computes the same function
-in training and in evaluation, and nothing needs synchronising across processes.
+in training (without dropout) and in evaluation, and nothing needs synchronising across processes.
 
 ``_walk`` is the only walk over the layers; ``order`` chooses where each layer's two children come
 from (its "dilate" step):
@@ -52,12 +52,15 @@ class GatedWaveNetConfig:
     n_skip: int = field(default=128, metadata={"help": "gated: width of the skip connections and of the output head"})
     n_levels: int = field(default=8, metadata={"help": "gated: dilated layers per stack, dilations 1, 2, ..., 2^(n-1)"})
     stacks: int = field(default=1, metadata={"help": "gated: stacks of dilated layers; receptive field stacks * (2^n_levels - 1) + 1"})
+    dropout: float = field(default=0.0, metadata={"help": "gated: dropout on each layer's gated activation while training"})
     order: str = "conv"
 
     def __post_init__(self):
         for name in ("n_embd", "n_hidden", "n_skip", "n_levels", "stacks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.n_levels > 16:
             raise ValueError(f"--n-levels must be <= 16 (a receptive field of 65536 per stack), got {self.n_levels}")
         if self.order not in GATED_ORDERS:
@@ -71,9 +74,9 @@ class GatedWaveNetConfig:
 class GatedLayer(nn.Module):
     """One dilated layer: the gated activation of its two children, a residual and a skip 1x1."""
 
-    def __init__(self, c: int, g: int, s: int, dilation: int, n_layers: int, last: bool):
+    def __init__(self, c: int, g: int, s: int, dilation: int, n_layers: int, last: bool, dropout: float = 0.0):
         super().__init__()
-        self.c, self.dilation = c, dilation
+        self.c, self.dilation, self.dropout = c, dilation, dropout
         self.conv = Linear(2 * c, 2 * g)  # rows :C meet the left (older) child; columns :G the filter, G: the gate
         self.skip = Linear(g, s, bias=False)
         self.res = None if last else Linear(g, c, bias=False)  # the last layer's residual would feed nothing
@@ -87,7 +90,7 @@ class GatedLayer(nn.Module):
         w = self.conv.weight
         y = torch.addmm(self.conv.bias, left, w[: self.c]).addmm_(right, w[self.c :])  # (M, 2G)
         f, g = y.chunk(2, dim=-1)
-        return torch.tanh(f) * torch.sigmoid(g)
+        return F.dropout(torch.tanh(f) * torch.sigmoid(g), self.dropout, self.training)
 
     def residual(self, right: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.addmm(right, z, self.res.weight)  # (M, C)
@@ -99,11 +102,12 @@ class GatedLayer(nn.Module):
         written by hand (``_DilatedGated``).
         """
         res = None if self.res is None else self.res.weight
-        return _DilatedGated.apply(x, self.dilation, self.conv.weight, self.conv.bias, res)
+        p = self.dropout if self.training else 0.0
+        return _DilatedGated.apply(x, self.dilation, self.conv.weight, self.conv.bias, res, p)
 
 
 class _DilatedGated(torch.autograd.Function):
-    """z = tanh(y_f) * sigmoid(y_g), y = x[:-d] @ W[:C] + x[d:] @ W[C:] + b, and x' = x[d:] + z @ W_res.
+    """z = dropout(tanh(y_f) * sigmoid(y_g)), y = x[:-d] @ W[:C] + x[d:] @ W[C:] + b, and x' = x[d:] + z @ W_res.
 
     Autograd's composition materialises the gradient of each row slice of x (``x[:-d]``, ``x[d:]``
     twice) as a zero-filled copy of x and sums them, and concatenates the two halves of dy; here
@@ -112,26 +116,31 @@ class _DilatedGated(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, d: int, weight, bias, res_weight):
+    def forward(ctx, x, d: int, weight, bias, res_weight, p: float):
         with torch.autocast(x.device.type, enabled=False):
             C, G = x.shape[1], weight.shape[1] // 2
             y = torch.addmm(bias, x[:-d], weight[:C]).addmm_(x[d:], weight[C:])  # (M - d, 2G)
             t, s = torch.tanh(y[:, :G]), torch.sigmoid(y[:, G:])
             z = t * s
+            keep = torch.empty_like(z).bernoulli_(1 - p).div_(1 - p) if p else None  # dropout: 0 or 1 / (1 - p)
+            if keep is not None:
+                z *= keep
             x_next = None if res_weight is None else torch.addmm(x[d:], z, res_weight)
         ctx.d = d
-        ctx.save_for_backward(x, weight, res_weight, t, s, z)
+        ctx.save_for_backward(x, weight, res_weight, t, s, z, keep)
         return z, x_next
 
     @staticmethod
     def backward(ctx, dz, dx_next):
-        x, weight, res_weight, t, s, z = ctx.saved_tensors
+        x, weight, res_weight, t, s, z, keep = ctx.saved_tensors
         d, (M, C), G = ctx.d, x.shape, t.shape[1]
         dz = torch.zeros_like(z) if dz is None else dz
         d_res = None
         if res_weight is not None and dx_next is not None:
             d_res = z.T @ dx_next  # (G, C)
             dz = torch.addmm(dz, dx_next, res_weight.T)
+        if keep is not None:
+            dz = dz * keep
         dy = torch.empty(M - d, 2 * G, dtype=z.dtype, device=z.device)
         dy_f, dy_g = dy[:, :G], dy[:, G:]
         torch.mul(dz, s, out=dy_f)
@@ -145,7 +154,7 @@ class _DilatedGated(torch.autograd.Function):
         dx[d:].addmm_(dy, weight[C:].T)  # the right children: rows d .. M-1
         if dx_next is not None:
             dx[d:] += dx_next  # the residual passes the right child through
-        return dx, None, d_weight, dy.sum(0), d_res
+        return dx, None, d_weight, dy.sum(0), d_res, None
 
 
 class GatedWaveNet(LanguageModel):
@@ -160,7 +169,9 @@ class GatedWaveNet(LanguageModel):
         n_layers = config.stacks * config.n_levels
         C, G, S = config.n_embd, config.n_hidden, config.n_skip
         self.wte = Embedding(config.vocab_size, C)
-        self.layers = nn.ModuleList(GatedLayer(C, G, S, 2 ** (k % config.n_levels), n_layers, last=k == n_layers - 1) for k in range(n_layers))
+        self.layers = nn.ModuleList(
+            GatedLayer(C, G, S, 2 ** (k % config.n_levels), n_layers, last=k == n_layers - 1, dropout=config.dropout) for k in range(n_layers)
+        )
         self.skip_bias = nn.Parameter(torch.zeros(S))
         self.head = Linear(S, S)
         self.lm_head = Linear(S, config.vocab_size)
