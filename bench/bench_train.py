@@ -2,9 +2,10 @@
 
 The trainer's own step, as ``makemore.train.loop`` runs it: the ``lecture`` recipe at block 8
 (windows of names, SGD, batch 32), the ``fast`` recipe (AdamW, batch 1024, fused BatchNorm +
-tanh), and the lecture's widths at block 256 over tinyshakespeare through the convolution
-(sequences of 256 targets). ``extra_info["tokens"]`` is the targets per step: tokens/s = tokens
-/ time.
+tanh), the lecture's widths at block 256 over tinyshakespeare through the convolution
+(sequences of 256 targets), and the gated residual WaveNet of the ``shakespeare-*`` recipes
+(receptive fields 256 and 512, sequences of 1024 and 2048 targets). ``extra_info["tokens"]`` is
+the targets per step: tokens/s = tokens / time.
 
     python -m pytest bench/bench_train.py --benchmark-json=bench/results/train.json
 """
@@ -24,15 +25,18 @@ CASES = {
     "conv, block 256, shakespeare": dict(
         data="tinyshakespeare", layout="sequences", block_size=256, seq_len=256, batch_size=8, optimizer="adamw", lr=1e-3, fused=True
     ),
+    "gated, R 256, shakespeare-60s": dict(RECIPES["shakespeare-60s"]),
+    "gated, R 512, shakespeare-15m": dict(RECIPES["shakespeare-15m"]),
 }
 
-
-QUICK_SIZES = dict(batch_size=4, block_size=8, seq_len=16)  # every case at toy sizes
+# Every case at toy sizes, per model.
+QUICK_SIZES = {"wavenet": dict(batch_size=4, block_size=8, seq_len=16), "gated": dict(batch_size=2, n_levels=2, seq_len=16)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_train_step(benchmark, measure, device, case):
-    config, model_config = make_configs({**CASES[case], **(QUICK_SIZES if QUICK else {}), "device": str(device)})
+    quick = QUICK_SIZES[CASES[case].get("model", "wavenet")] if QUICK else {}
+    config, model_config = make_configs({**CASES[case], **quick, "device": str(device)})
     source = load_source(config.data, config.kind)
     torch.manual_seed(0)
     model = build_model(config.model, model_config.__class__(**{**vars(model_config), "vocab_size": len(source.vocab)})).to(device).train()

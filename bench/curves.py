@@ -1,6 +1,8 @@
 """Validation loss against training time for several runs, in one PNG.
 
     python -m bench.curves runs/lecture runs/fast --out docs/val_vs_time.png [--reference 1.993]
+    python -m bench.curves runs/shakespeare-60s ... --out docs/shakespeare.png \
+        --point "baby GPT (published, not run here)=66:1.886" --point "baby GPT (published, not run here)=160:1.63"
 
 Reads each run's metrics.jsonl: the estimates logged every --eval-interval steps (random val
 batches) as a line, the final exhaustive val loss as a star. Time is the training clock (steps
@@ -30,6 +32,7 @@ def main(argv=None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     parser.add_argument("--reference", type=float, help="a horizontal line, e.g. the lecture's val 1.993")
+    parser.add_argument("--point", action="append", default=[], metavar="LABEL=SECONDS:VAL", help="a reference point, e.g. another model's published result (repeatable; one label, one marker)")
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
 
@@ -39,6 +42,16 @@ def main(argv=None) -> None:
         (line,) = ax.plot(times, vals, "-", lw=1.2, label=f"{run.name} (val estimates)")
         if final:
             ax.plot(*final, "*", ms=12, color=line.get_color(), label=f"{run.name} final val {final[1]:.4f} at {final[0]:.0f} s")
+    points: dict[str, list[tuple[float, float]]] = {}
+    for spec in args.point:
+        label, _, at = spec.rpartition("=")
+        seconds, _, val = at.partition(":")
+        try:
+            points.setdefault(label, []).append((float(seconds), float(val)))
+        except ValueError:
+            parser.error(f"--point {spec!r}: expected LABEL=SECONDS:VAL, e.g. 'baby GPT=66:1.886'")
+    for label, xy in points.items():
+        ax.plot(*zip(*xy), "D", ms=7, mfc="none", color="black", label=label)
     if args.reference:
         ax.axhline(args.reference, color="grey", ls="--", lw=1, label=f"reference {args.reference}")
     ax.set_xscale("log")

@@ -18,7 +18,7 @@ from .checkpoint import CheckpointError
 from .data import DataError, Vocab, load_source
 from .models import build_model
 from .sample import sample_items, sample_text
-from .train import CHECKPOINT, RECIPES, TrainConfig, evaluate, make_configs, train
+from .train import CHECKPOINT, RECIPES, TrainConfig, distributed, evaluate, make_configs, train
 from .train.config import flag, model_fields
 
 EXIT_BAD_INPUT = 2
@@ -111,6 +111,8 @@ def _train(args) -> int:
         settings = {**RECIPES[args.recipe], **given}
     config, model_config = make_configs(settings)
     result = train(config, model_config, out, resume=args.resume, progress=not args.quiet)
+    if not distributed.is_main_process():
+        return 0  # under torchrun, rank 0 prints the losses and the samples
     print(" ".join(f"{split} {loss:.4f}" for split, loss in result.items()))
     if args.samples:
         model, state = load_model(out)

@@ -39,7 +39,7 @@ class TrainConfig:
     beta1: float = option(0.9, "adamw: beta1")
     beta2: float = option(0.99, "adamw: beta2")
     grad_clip: float = option(0.0, "clip the gradient's global norm to this (0: no clipping)")
-    batch_size: int = option(32, "rows per micro-batch")
+    batch_size: int = option(32, "rows per micro-batch, per process (under torchrun the global batch is processes x this)")
     grad_accum: int = option(1, "micro-batches per optimiser step")
     max_steps: int = option(200_000, "optimiser steps")
     max_seconds: float = option(0.0, "stop training after this many seconds (0: no limit); the schedule then follows time")
@@ -51,7 +51,7 @@ class TrainConfig:
     checkpoint_interval: int = option(10_000, "save a checkpoint every this many steps")
     # system
     seed: int = option(42, "seed of the split, the initialisation and the batches")
-    device: str = option("cpu", "cpu, cuda, cuda:1, ...")
+    device: str = option("cpu", "cpu, cuda, cuda:1, ... (under torchrun, cuda is cuda:LOCAL_RANK)")
     dtype: str = option("float32", "bfloat16: autocast matmuls to bfloat16", DTYPES)
     compile: bool = option(False, "torch.compile the model (falls back to eager with a message where it cannot)")
 

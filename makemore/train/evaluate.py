@@ -28,15 +28,19 @@ def evaluate(model, source, *, splits=None, max_tokens: int, device="cpu") -> di
 
 
 @torch.no_grad()
-def estimate_loss(model, source, config, generator: torch.Generator, autocast) -> dict[str, float]:
-    """nanoGPT's estimate_loss: the mean loss of ``config.eval_iters`` random training-layout batches per split."""
+def estimate_loss(model, source, config, generator: torch.Generator, autocast, device=None) -> dict[str, float]:
+    """nanoGPT's estimate_loss: the mean loss of ``config.eval_iters`` random training-layout batches per split.
+
+    ``device``: the model's, if not ``config.device`` (under torchrun ``cuda`` is ``cuda:LOCAL_RANK``).
+    """
+    device = device or config.device
     was_training = model.training
     model.eval()
     result = {}
     for split in source.splits:
-        losses = torch.zeros(config.eval_iters, device=config.device)
+        losses = torch.zeros(config.eval_iters, device=device)
         for i in range(config.eval_iters):
-            batch = source.batch(split, config.batch_size, config.layout, model.receptive_field, generator, config.seq_len).to(config.device)
+            batch = source.batch(split, config.batch_size, config.layout, model.receptive_field, generator, config.seq_len).to(device)
             with autocast:
                 _, losses[i] = model(batch.idx, batch.targets)
         result[split] = losses.mean().item()

@@ -1,0 +1,132 @@
+"""More than one process: torchrun's environment, the process group, and the few collectives the loop needs.
+
+Launched by torchrun (it sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``), ``makemore train``
+trains with DistributedDataParallel: one process per rank, gloo between CPU processes, nccl between
+GPUs (``--device cuda`` is ``cuda:LOCAL_RANK``). Without torchrun every helper here is a no-op for
+one process, so a plain run is unchanged.
+
+What is per rank: the batches (``--batch-size`` rows each, from a stream of the rank's own) and the
+clock. What rank 0 alone does: checkpoints, evaluation, metrics.jsonl, loss.png and printing; the
+other ranks wait at a barrier meanwhile.
+"""
+
+import hashlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from .. import nn as makemore_nn
+
+_owned = False  # whether setup() made the process group, so teardown() destroys only ours
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets RANK and WORLD_SIZE): train as one rank of a group."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank() -> int:
+    return int(os.environ["RANK"]) if launched() else 0
+
+
+def world_size() -> int:
+    return int(os.environ["WORLD_SIZE"]) if launched() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes, evaluates and prints."""
+    return rank() == 0
+
+
+def device(name: str) -> torch.device:
+    """The device this rank trains on: under torchrun ``cuda`` (any index) is ``cuda:LOCAL_RANK``, one GPU per rank."""
+    chosen = torch.device(name)
+    if launched() and chosen.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return chosen
+
+
+def stream_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s batch stream (rank > 0; rank 0 keeps the single-process stream)."""
+    return int.from_bytes(hashlib.sha256(f"makemore batches {seed} {rank}".encode()).digest()[:8], "little") >> 1
+
+
+def check_supported(model_name: str, model: torch.nn.Module) -> None:
+    """One clear error, raised alike by every rank before any joins the group (so none waits for another), for a
+    model that cannot train in more than one process."""
+    if hasattr(model, "fit"):
+        raise ValueError(f"--model {model_name} is fitted in one pass over the data, not trained in steps; run it without torchrun")
+    batch_norms = (makemore_nn.BatchNorm1d, torch.nn.modules.batchnorm._BatchNorm)
+    if any(isinstance(m, batch_norms) for m in model.modules()):
+        raise ValueError(
+            f"--model {model_name} uses BatchNorm, whose batch statistics would differ between the {world_size()} processes; "
+            "train it without torchrun, or use --model gated (no normalisation) under torchrun"
+        )
+
+
+def setup(on: torch.device) -> None:
+    """Join the process group (torchrun's rendezvous, through the environment): gloo for CPU tensors, nccl for CUDA ones.
+
+    On CUDA the group has both backends, so the loop's host-side collectives (the clock, the
+    generators' states, barriers) go through gloo and never wait on the GPU.
+    """
+    global _owned
+    if on.type == "cuda":
+        torch.cuda.set_device(on)
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+    _owned = True
+
+
+def teardown() -> None:
+    """Leave the process group setup() made, if any (also after an error)."""
+    global _owned
+    if _owned and dist.is_initialized():
+        dist.destroy_process_group()
+    _owned = False
+
+
+def _active() -> bool:
+    """Whether this process trains as one rank of a group that setup() made (a plain run never is)."""
+    return _owned and dist.is_initialized()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if _active():
+        dist.barrier()
+
+
+def mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over the ranks, in place."""
+    if _active():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks, in place."""
+    if _active():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def maximum(value: float) -> float:
+    """The largest of the ranks' ``value``: one float64 scalar through gloo."""
+    if not _active():
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def gather(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
+    if not _active():
+        return [obj]
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
