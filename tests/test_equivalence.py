@@ -18,10 +18,9 @@ from hypothesis import strategies as st
 from makemore.data import IGNORE_INDEX
 from makemore.models import WaveNet, WaveNetConfig
 from makemore.nn import BatchNorm1d, batch_norm_tanh
+from orders import assert_paths_agree, cached_logits, in_order
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max abs diff of unit-scale logits
-GRAD_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}  # max abs diff / max abs value, per parameter
 
 # (block_size, n_embd, n_hidden, sequences, outputs per sequence). T >= block_size computes every
 # level as a convolution; T < block_size leaves the upper levels to the per-window tree.
@@ -76,38 +75,6 @@ def windows(S: torch.Tensor, block_size: int) -> torch.Tensor:
     return S.unfold(1, block_size, 1).reshape(-1, block_size)  # (N·T, B), row n·T + j = S[n, j : j + B]
 
 
-def cached_logits(model: WaveNet, S: torch.Tensor) -> torch.Tensor:
-    """Path (e): the first window by prefill, then one step per further token: (N, T, V)."""
-    B = model.block_size
-    logits, cache = model.prefill(S[:, :B])
-    steps = [logits]
-    for t in range(B, S.shape[1]):
-        logits, cache = model.step(S[:, t], cache)
-        steps.append(logits)
-    return torch.stack(steps, 1)
-
-
-def in_order(model: WaveNet, order: str, logits_of):
-    """``logits_of`` run with the model in ``order``: the same parameters, another evaluation order."""
-
-    def run():
-        saved, model.order = model.order, order
-        try:
-            return logits_of()
-        finally:
-            model.order = saved
-
-    return run
-
-
-def loss_and_grads(model, logits_of, Y):
-    model.zero_grad(set_to_none=True)
-    logits = logits_of().reshape(*Y.shape, -1)  # (N, T, V), in S's row-major order
-    loss = model.loss(logits, Y)
-    loss.backward()
-    return logits.detach(), loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("steps", [0, 5], ids=["random", "trained"])
@@ -131,16 +98,7 @@ def test_every_order_gives_the_same_logits_loss_and_gradients(case, steps, dtype
         "d: conv": in_order(h, "conv", lambda: h(S)[0]),
         "e: cached": lambda: cached_logits(h, S),
     }
-    ref_logits, ref_loss, ref_grads = loss_and_grads(h, paths.pop("b: windows"), Y)
-    assert 0.5 < ref_logits.std() < 2
-    assert all(g.abs().max() > 0 for g in ref_grads.values())
-    for name, logits_of in paths.items():
-        logits, loss, grads = loss_and_grads(h, logits_of, Y)
-        assert (logits - ref_logits).abs().max() <= TOL[dtype], name
-        assert (loss - ref_loss).abs() <= TOL[dtype], name
-        assert grads.keys() == ref_grads.keys()
-        for p, g in grads.items():
-            assert (g - ref_grads[p]).abs().max() <= GRAD_RTOL[dtype] * ref_grads[p].abs().max(), (name, p)
+    assert_paths_agree(h, paths, "b: windows", Y, dtype)
 
 
 @settings(max_examples=40, deadline=None)

@@ -14,10 +14,9 @@ from hypothesis import strategies as st
 
 from makemore.data import IGNORE_INDEX
 from makemore.models import GatedWaveNet, GatedWaveNetConfig
+from orders import TOL, assert_paths_agree, cached_logits, in_order
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max abs diff of unit-scale logits
-GRAD_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}  # max abs diff / max abs value, per parameter
 
 # (n_levels, stacks, sequences, outputs per sequence): receptive fields 2, 8, 10, 31, 256, 1024.
 CASES = [(1, 1, 3, 5), (3, 1, 2, 9), (2, 3, 2, 6), (4, 2, 2, 7), (8, 1, 2, 5), (10, 1, 1, 3)]
@@ -60,35 +59,6 @@ def brute_force(model: GatedWaveNet, window: torch.Tensor) -> torch.Tensor:
     return model.lm_head(F.relu(model.head(F.relu(skip))))
 
 
-def in_order(model, order, logits_of):
-    def run():
-        saved, model.order = model.order, order
-        try:
-            return logits_of()
-        finally:
-            model.order = saved
-
-    return run
-
-
-def cached_logits(model, S):
-    R = model.receptive_field
-    logits, cache = model.prefill(S[:, :R])
-    steps = [logits]
-    for t in range(R, S.shape[1]):
-        logits, cache = model.step(S[:, t], cache)
-        steps.append(logits)
-    return torch.stack(steps, 1)
-
-
-def loss_and_grads(model, logits_of, Y):
-    model.zero_grad(set_to_none=True)
-    logits = logits_of().reshape(*Y.shape, -1)
-    loss = model.loss(logits, Y)
-    loss.backward()
-    return logits.detach(), loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"levels{c[0]}x{c[1]}")
@@ -110,16 +80,7 @@ def test_every_order_gives_the_same_logits_loss_and_gradients(case, dtype, devic
         "c: conv": in_order(model, "conv", lambda: model(S)[0]),
         "d: cached": lambda: cached_logits(model, S),
     }
-    ref_logits, ref_loss, ref_grads = loss_and_grads(model, paths.pop("c: conv"), Y)
-    assert 0.5 < ref_logits.std() < 2
-    assert all(g.abs().max() > 0 for g in ref_grads.values())
-    for name, logits_of in paths.items():
-        logits, loss, grads = loss_and_grads(model, logits_of, Y)
-        assert (logits - ref_logits).abs().max() <= TOL[dtype], name
-        assert (loss - ref_loss).abs() <= TOL[dtype], name
-        assert grads.keys() == ref_grads.keys()
-        for p, g in grads.items():
-            assert (g - ref_grads[p]).abs().max() <= GRAD_RTOL[dtype] * ref_grads[p].abs().max(), (name, p)
+    ref_logits = assert_paths_agree(model, paths, "c: conv", Y, dtype)
     if R <= 256:  # the brute force is a Python loop over nodes
         for i in (0, len(X) - 1):
             expected = brute_force(model, X[i])
