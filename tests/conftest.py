@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from makemore import data
 
@@ -24,3 +25,12 @@ def names(names_path) -> list[str]:
 @pytest.fixture(scope="session")
 def names_vocab(names) -> data.Vocab:
     return data.Vocab.for_lines(names)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tensors of the equivalence suites are tiny: a second thread only adds overhead, ~20x when other processes share the cores."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -22,12 +22,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [(1, 1, 3, 5), (3, 1, 2, 9), (2, 3, 2, 6), (4, 2, 2, 7), (8, 1, 2, 5), (10, 1, 1, 3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(n_levels, stacks, seed=0, vocab_size=11, **kw) -> GatedWaveNet:

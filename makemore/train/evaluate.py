@@ -28,12 +28,11 @@ def evaluate(model, source, *, splits=None, max_tokens: int, device="cpu") -> di
 
 
 @torch.no_grad()
-def estimate_loss(model, source, config, generator: torch.Generator, autocast, device=None) -> dict[str, float]:
+def estimate_loss(model, source, config, generator: torch.Generator, autocast, device) -> dict[str, float]:
     """nanoGPT's estimate_loss: the mean loss of ``config.eval_iters`` random training-layout batches per split.
 
-    ``device``: the model's, if not ``config.device`` (under torchrun ``cuda`` is ``cuda:LOCAL_RANK``).
+    ``device``: the model's (under torchrun ``cuda`` is ``cuda:LOCAL_RANK``, not ``config.device``).
     """
-    device = device or config.device
     was_training = model.training
     model.eval()
     result = {}
