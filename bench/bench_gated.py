@@ -6,13 +6,13 @@ sequences as one flat buffer, the hand-written layer). Both compute the same N·
 Generation: cached (one node per layer per token) against re-running the model on the last R
 tokens per token.
 
-    python -m pytest bench/bench_gated.py --benchmark-json=bench/results/gated.json [--device cuda]
+    python -m bench --out bench/results -k bench_gated [--device cuda]   # this suite and its report
 """
 
 import pytest
 import torch
 
-from bench.conftest import QUICK
+from bench.conftest import QUICK, median_seconds
 from makemore.models import GatedWaveNet, GatedWaveNetConfig
 
 LEVELS = [2, 3] if QUICK else [8, 10]  # receptive fields 4, 8 (quick) or 256, 1024
@@ -38,9 +38,11 @@ def test_train_step(benchmark, measure, device, n_levels, order):
         model.zero_grad(set_to_none=True)
         model(S, Y)[1].backward()
 
-    benchmark.group = f"gated fwd+bwd, R {R}, {N * T} outputs"
-    benchmark.extra_info.update(receptive_field=R, outputs=N * T, baseline=order == "windows")
+    benchmark.group = f"gated fwd+bwd, {N * T} outputs"
+    benchmark.extra_info.update(path=order, block_size=R, outputs=N * T, baseline=order == "windows")  # block_size: R, for the report's sweep
     measure(benchmark, step)
+    if (seconds := median_seconds(benchmark)) is not None:
+        benchmark.extra_info["positions_per_s"] = round(N * T / seconds)
 
 
 @pytest.mark.parametrize("mode", ["rerun", "cached"])
@@ -54,6 +56,8 @@ def test_generate(benchmark, measure, device, n_levels, mode):
     def generate():
         return model.generate(start, tokens, cached=mode == "cached", generator=torch.Generator(device).manual_seed(0))
 
-    benchmark.group = f"gated generate 16 x {tokens} tokens, R {model.receptive_field}"
-    benchmark.extra_info.update(receptive_field=model.receptive_field, tokens=16 * tokens, baseline=mode == "rerun")
+    benchmark.group = f"gated generation, 16 x {tokens} tokens from an empty context"
+    benchmark.extra_info.update(path=mode, block_size=model.receptive_field, tokens=16 * tokens, baseline=mode == "rerun")
     measure(benchmark, generate)
+    if (seconds := median_seconds(benchmark)) is not None:
+        benchmark.extra_info["tokens_per_s"] = round(16 * tokens / seconds)

@@ -1,19 +1,22 @@
-"""Shared pieces of the benchmark suites: the device, device-aware timing, and peak memory.
+"""Shared pieces of the benchmark suites: the device, device-aware timing, peak memory, and yardsticks.
 
-    python -m pytest bench/ [--device cpu|cuda] --benchmark-json=bench/results/all.json
-    python -m bench.report bench/results/all.json --out bench/results
-    MAKEMORE_BENCH_QUICK=1 python -m pytest bench/ --benchmark-disable   # CI's smoke run
+    python -m bench [--device cpu|cuda]   # every suite, then docs/benchmarks/results.{json,md} and plots
+    python -m bench --quick --out DIR     # CI's smoke run: tiny sizes, one round
 
 A suite's test builds a closure doing one unit of work on ``device`` and hands it to
 ``measure(benchmark, fn)``: pytest-benchmark times it (synchronising CUDA after each call), then
 one more call runs under a memory probe and ``benchmark.extra_info`` gets ``peak_mib``, the
 most memory held at once during the call beyond what was held before it, and on CUDA
-``cuda_ms``, the GPU time per call from CUDA events.
+``cuda_ms``, the GPU time per call from CUDA events. ``median_seconds`` gives a suite the median
+just measured, to record rates beside it; ``matmul_peak`` and ``copy_bandwidth`` measure, once per
+run, the yardsticks those rates are compared with (compute-bound and memory-bound work).
 """
 
 import json
 import os
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +90,44 @@ def peak_mib(fn, device: torch.device) -> float:
         return 0.0
     before = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
     return max(e["args"]["Total Allocated"] for e in memory) / MIB - before / MIB
+
+
+def median_seconds(benchmark) -> float | None:
+    """The median time of the benchmark just run, or None under --benchmark-disable."""
+    return benchmark.stats.stats.median if getattr(benchmark, "stats", None) else None
+
+
+@pytest.fixture(scope="session")
+def matmul_peak(device) -> float:
+    """This machine's fp32 matmul GFLOP/s in this run: the median of square GEMMs large enough to
+    reach the BLAS's steady state (2048 on CPU, 8192 on CUDA); the yardstick for model FLOP/s."""
+    n = 256 if QUICK else 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    mm = synchronized(lambda: torch.mm(a, b), device)
+    mm()
+    times = []
+    for _ in range(3 if QUICK else 15):
+        start = time.perf_counter()
+        mm()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth(device) -> float:
+    """This machine's memory bandwidth in GB/s in this run: bytes read + written by copying a
+    256 MiB fp32 tensor (16 MiB in quick mode), median of several; the yardstick for
+    memory-bound kernels."""
+    n = (4 if QUICK else 64) << 20
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    copy = synchronized(lambda: dst.copy_(src), device)
+    copy()
+    times = []
+    for _ in range(3 if QUICK else 15):
+        start = time.perf_counter()
+        copy()
+        times.append(time.perf_counter() - start)
+    return 2 * 4 * n / statistics.median(times) / 1e9
 
 
 @pytest.fixture

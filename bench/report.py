@@ -1,17 +1,23 @@
-"""pytest-benchmark's JSON output as a Markdown table (results.md) and a plot (results.png).
+"""pytest-benchmark's JSON as Markdown tables (results.md) and PNG plots.
 
     python -m bench.report RESULTS.json [--out DIR]
 
-One table and one panel per benchmark group. Within a group each row shows the timing
-statistics, its speed against the group's baseline (the entry whose extra_info says
-``baseline: true``, else the slowest one), and every extra_info field the suite recorded
-(peak memory and the like).
+Two kinds of group:
+- sweeps, whose entries carry ``path`` and an axis, ``block_size`` or ``v``, in ``extra_info`` (the
+  WaveNet orders, generation, cross-entropy against V): one table with a row per axis value and a column per path, each cell the rate
+  (positions or tokens per second, else calls per second), the speed-up over the group's baseline
+  path at that axis value and the path's recorded shares (% of the matmul peak, % of the
+  node-count ideal, of the copy bandwidth); and one PNG, ``<group>.png``: time per unit of work and
+  speed-up against the axis, both on log scales.
+- the rest: one table per group (median, spread, speed-up over the baseline entry, every
+  ``extra_info`` field) and one horizontal bar panel per group in ``other.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -20,16 +26,117 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 UNITS = [("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)]
+RATES = ("positions_per_s", "tokens_per_s", "logits_per_s")  # the first one an entry records is its rate
+SHARES = {"pct_of_matmul_peak": "% peak", "pct_of_node_ideal": "% ideal", "pct_of_copy_bandwidth": "% copy GB/s"}
+AXES = {"block_size": "block size", "v": "V (classes)", "case": "case"}  # what a sweep's entries vary, in extra_info
 HIDDEN_EXTRA = {"baseline"}  # shown through the speedup column instead
 
 
 def load(path: Path) -> tuple[dict[str, list[dict]], dict]:
-    """Benchmarks by group, in the order the suite ran them, and the machine they ran on."""
+    """Benchmarks by group, in the order the suites ran them, and the machine they ran on."""
     data = json.loads(path.read_text())
     groups: dict[str, list[dict]] = {}
     for bench in data["benchmarks"]:
         groups.setdefault(bench["group"] or bench["fullname"], []).append(bench)
     return groups, data.get("machine_info", {})
+
+
+def axis(group: list[dict]) -> str | None:
+    """The sweep's x key (one of AXES) if every entry has it and a ``path``, else None."""
+    return next((key for key in AXES if all("path" in b["extra_info"] and key in b["extra_info"] for b in group)), None)
+
+
+def rate(bench: dict) -> tuple[float, str]:
+    """(work per second, its unit): the recorded rate, else calls per second."""
+    extra = bench["extra_info"]
+    for name in RATES:
+        if name in extra:
+            return extra[name], name.removesuffix("_per_s") + "/s"
+    return 1.0 / bench["stats"]["median"], "calls/s"
+
+
+def numeric(group: list[dict]) -> bool:
+    return all(isinstance(b["extra_info"][axis(group)], (int, float)) for b in group)
+
+
+def si(x: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def sweep_table(name: str, group: list[dict]) -> list[str]:
+    x = axis(group)
+    paths = list(dict.fromkeys(b["extra_info"]["path"] for b in group))
+    sizes = list(dict.fromkeys(b["extra_info"][x] for b in group))
+    if numeric(group):
+        sizes.sort()
+    cell = {(b["extra_info"]["path"], b["extra_info"][x]): b for b in group}
+    base = next((b["extra_info"]["path"] for b in group if b["extra_info"].get("baseline")), None)
+    unit = rate(group[0])[1]
+    lines = [
+        "",
+        f"## {name}",
+        "",
+        f"Each cell: {unit}" + (f", speed-up over `{base}` at the same {AXES[x]}" if base else "") + ", and the recorded shares.",
+        "",
+        f"| {AXES[x]} | " + " | ".join(paths) + " |",
+        "|---|" + "---|" * len(paths),
+    ]
+    for size in sizes:
+        row = [str(size)]
+        for path in paths:
+            bench = cell.get((path, size))
+            if bench is None:
+                row.append("–")
+                continue
+            parts = [si(rate(bench)[0])]
+            if base and path != base and (base, size) in cell:
+                parts.append(f"{rate(bench)[0] / rate(cell[base, size])[0]:.2f}×")
+            parts += [f"{bench['extra_info'][k]:g}{label}" for k, label in SHARES.items() if k in bench["extra_info"]]
+            row.append(" · ".join(parts))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def sweep_plot(name: str, group: list[dict], path: Path) -> None:
+    """Time per unit of work and speed-up over the baseline against the sweep's axis, log-log."""
+    x = axis(group)
+    paths = list(dict.fromkeys(b["extra_info"]["path"] for b in group))
+    base = next((b["extra_info"]["path"] for b in group if b["extra_info"].get("baseline")), None)
+    unit = rate(group[0])[1].removesuffix("/s")
+    base_rate = {b["extra_info"][x]: rate(b)[0] for b in group if b["extra_info"]["path"] == base}
+    fig, (time_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, p in enumerate(paths):
+        color = f"C{i}"  # one colour per path in both panels
+        entries = sorted((b for b in group if b["extra_info"]["path"] == p), key=lambda b: b["extra_info"][x])
+        sizes = [b["extra_info"][x] for b in entries]
+        time_ax.plot(sizes, [1e6 / rate(b)[0] for b in entries], "o-", color=color, label=p)
+        if base and p != base:
+            pairs = [(s, rate(b)[0] / base_rate[s]) for s, b in zip(sizes, entries) if s in base_rate]
+            if pairs:
+                speed_ax.plot(*zip(*pairs), "o-", color=color, label=p)
+    ideal = sorted({(b["extra_info"][x], b["extra_info"]["node_ideal"]) for b in group if "node_ideal" in b["extra_info"]})
+    if ideal:
+        speed_ax.plot(*zip(*ideal), "k--", label="node-count ideal (B-1)/log2 B")
+    for ax in (time_ax, speed_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(AXES[x])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    time_ax.set_ylabel(f"µs per {unit.rstrip('s')}")
+    time_ax.set_title(f"{name}: time per {unit.rstrip('s')}", fontsize=10)
+    speed_ax.set_ylabel(f"speed-up over {base}")
+    speed_ax.set_title(f"{name}: speed-up over {base}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def label(bench: dict, group: list[dict]) -> str:
@@ -44,39 +151,30 @@ def baseline(group: list[dict]) -> dict:
 
 
 def unit_for(seconds: float) -> tuple[str, float]:
-    return next((name, scale) for name, scale in UNITS if seconds >= scale)
+    return next(((name, scale) for name, scale in UNITS if seconds >= scale), UNITS[-1])
 
 
-def markdown(groups: dict[str, list[dict]], machine: dict) -> str:
-    cpu = machine.get("cpu", {})
-    lines = [
-        "# Benchmark results",
-        "",
-        f"Machine: {cpu.get('brand_raw', machine.get('processor', '?'))}, {cpu.get('count', '?')} cores, "
-        f"Python {machine.get('python_version', '?')}. Times are per call; speedup is the baseline's "
-        "median over this median.",
-    ]
-    for name, group in groups.items():
-        base = baseline(group)
-        unit, scale = unit_for(min(b["stats"]["median"] for b in group))
-        extras = list(dict.fromkeys(k for b in group for k in b["extra_info"] if k not in HIDDEN_EXTRA))
-        header = ["", f"median ({unit})", f"min ({unit})", f"mean ± sd ({unit})", "rounds", f"speedup vs {label(base, group)}"]
-        lines += ["", f"## {name}", "", "| " + " | ".join(header + extras) + " |", "|" + "---|" * (len(header) + len(extras))]
-        for bench in group:
-            s = bench["stats"]
-            cells = [
-                label(bench, group),
-                f"{s['median'] / scale:.3g}",
-                f"{s['min'] / scale:.3g}",
-                f"{s['mean'] / scale:.3g} ± {s['stddev'] / scale:.2g}",
-                str(s["rounds"]),
-                f"{base['stats']['median'] / s['median']:.2f}×",
-            ] + [str(bench["extra_info"].get(k, "")) for k in extras]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def plain_table(name: str, group: list[dict]) -> list[str]:
+    base = baseline(group)
+    unit, scale = unit_for(min(b["stats"]["median"] for b in group))
+    extras = list(dict.fromkeys(k for b in group for k in b["extra_info"] if k not in HIDDEN_EXTRA))
+    header = ["", f"median ({unit})", f"min ({unit})", f"mean ± sd ({unit})", "rounds", f"speedup vs {label(base, group)}"]
+    lines = ["", f"## {name}", "", "| " + " | ".join(header + extras) + " |", "|" + "---|" * (len(header) + len(extras))]
+    for bench in group:
+        s = bench["stats"]
+        cells = [
+            label(bench, group),
+            f"{s['median'] / scale:.3g}",
+            f"{s['min'] / scale:.3g}",
+            f"{s['mean'] / scale:.3g} ± {s['stddev'] / scale:.2g}",
+            str(s["rounds"]),
+            f"{base['stats']['median'] / s['median']:.2f}×",
+        ] + [str(bench["extra_info"].get(k, "")) for k in extras]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
-def plot(groups: dict[str, list[dict]], path: Path) -> None:
+def bar_plot(groups: dict[str, list[dict]], path: Path) -> None:
     """One panel per group: median time per entry, whiskers from the first to the third quartile."""
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 1.2 + 0.5 * sum(len(g) + 1 for g in groups.values())), squeeze=False)
     for ax, (name, group) in zip(axes[:, 0], groups.items()):
@@ -97,21 +195,48 @@ def plot(groups: dict[str, list[dict]], path: Path) -> None:
                 ax.annotate(f"  peak {bench['extra_info']['peak_mib']:g} MiB", (end, i), va="center", fontsize=8)
         ax.margins(x=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write(results: Path, out: Path, note: str = "") -> list[Path]:
+    """results.md and the PNGs for ``results`` in ``out``; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    groups, machine = load(results)
+    cpu = machine.get("cpu", {})
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {cpu.get('brand_raw', machine.get('processor', '?'))}, {cpu.get('count', '?')} cores, "
+        f"Python {machine.get('python_version', '?')}. {note}".rstrip(),
+    ]
+    written, others = [out / "results.md"], {}
+    for name, group in groups.items():
+        if axis(group):
+            lines += sweep_table(name, group)
+            if numeric(group):
+                png = out / f"{slug(name)}.png"
+                sweep_plot(name, group, png)
+                lines += ["", f"![{name}]({png.name})"]
+                written.append(png)
+        else:
+            others[name] = group
+            lines += plain_table(name, group)
+    if others:
+        bar_plot(others, out / "other.png")
+        lines += ["", "![other groups](other.png)"]
+        written.append(out / "other.png")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="a pytest --benchmark-json file")
-    parser.add_argument("--out", type=Path, help="folder for results.md and results.png (default: beside RESULTS)")
+    parser.add_argument("--out", type=Path, help="folder for results.md and the PNGs (default: beside RESULTS)")
     args = parser.parse_args(argv)
-    out = args.out or args.results.parent
-    out.mkdir(parents=True, exist_ok=True)
-    groups, machine = load(args.results)
-    (out / "results.md").write_text(markdown(groups, machine))
-    plot(groups, out / "results.png")
-    print(f"wrote {out / 'results.md'} and {out / 'results.png'}")
+    for path in write(args.results, args.out or args.results.parent):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
