@@ -48,6 +48,8 @@ def test_train_step(benchmark, measure, device, case, compiled):
     optimizer = make_optimizer(config, model)
     generator = torch.Generator().manual_seed(0)
     R = model.receptive_field
+    if compiled:
+        torch._dynamo.reset()  # a fresh compiler cache per case: earlier suites' compiles count toward its recompile limit
     step_model = torch.compile(model) if compiled else model
 
     def step():

@@ -87,10 +87,14 @@ def _check_arguments(logits, target, reduction, label_smoothing) -> None:
     """Raise ValueError on arguments F.cross_entropy would refuse; the target values are not read."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and {type(target).__name__}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not logits.is_floating_point() or logits.dim() < 1:
         raise ValueError(f"logits must be a floating tensor of shape (..., V), got {logits.dtype} {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:  # every target is out of range, or all are ignored: 0 / 0 classes, in every backend
+        raise ValueError(f"logits must have at least one class (V >= 1 in the last dimension), got shape {tuple(logits.shape)}")
     if target.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"target must be int64 or int32 class indices, got {target.dtype}")
     if target.shape != logits.shape[:-1]:
@@ -133,12 +137,14 @@ def _assert_targets_on_device(target, n_classes, ignore_index) -> None:
     )
 
 
-# Below this many logits, "auto" on CPU hands the problem to F.cross_entropy: a Python
-# autograd.Function costs about 130 us a call more than F.cross_entropy's C++ path on our 2-core
-# CPU (200 against 70 us at N = 32, V = 27), more than fusing saves until about 4096 x 65 logits,
-# and F.cross_entropy's two (N, V) buffers are at most 4 MiB here. bench/bench_cross_entropy.py
-# measures both sides of the line.
-ATEN_BELOW = 1 << 19
+# Below this many logits, "auto" on CPU hands the problem to F.cross_entropy. Small problems: a
+# Python autograd.Function costs more per call than fusing saves (about 130 us against 70 us for
+# all of F.cross_entropy at N = 32, V = 27 on our 2-core CPU). Up to a few million logits,
+# F.cross_entropy's vectorised log-softmax is faster still, its two (N, V) buffers staying in
+# cache; above, the fused path's single pass wins. Measured forward + backward, F.cross_entropy's
+# time over the fused path's: 0.71 at 4096 x 256, 0.89 at 4096 x 1024, 1.05 at 16384 x 256 (all
+# 2^22 logits and below), 1.66 at 4096 x 2048. bench/bench_cross_entropy.py measures both sides.
+ATEN_BELOW = 1 << 22
 
 # The same line on CUDA, where problems too small to fill the GPU (makemore's 32 x 27) are
 # dominated by launch and Python overhead. PROVISIONAL: no GPU measurement has been made yet; set
@@ -217,11 +223,12 @@ if triton is not None:
         target_ptr, target_stride,
         loss_ptr, stats_ptr, scale_ptr,
         grad_ptr, grad_stride_row, grad_stride_col,
-        n_rows, n_cols, ignore_index, label_smoothing,
+        n_rows, n_cols, ignore_index, label_smoothing, label_smoothing_lo,
         ROWS: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE_TILE: tl.constexpr,
         SMOOTHING: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
         """Row losses and (shift, log-denominator) per row; with WRITE_GRAD the scaled gradient too."""
+        label_smoothing = tl.cast(label_smoothing, ACC) + tl.cast(label_smoothing_lo, ACC)  # see _split_fp32
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_in = rows < n_rows
         cls, valid, bad = _row_targets(target_ptr, target_stride, rows, row_in, n_cols, ignore_index)
@@ -292,10 +299,11 @@ if triton is not None:
         target_ptr, target_stride,
         stats_ptr, scale_ptr, scale_stride,
         grad_ptr, grad_stride_row, grad_stride_col,
-        n_rows, n_cols, ignore_index, label_smoothing,
+        n_rows, n_cols, ignore_index, label_smoothing, label_smoothing_lo,
         ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
         """One read of the logits, one write of the gradient, scaled per row by ``scale`` (stride 0: one value)."""
+        label_smoothing = tl.cast(label_smoothing, ACC) + tl.cast(label_smoothing_lo, ACC)  # see _split_fp32
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_in = rows < n_rows
         cls, valid, bad = _row_targets(target_ptr, target_stride, rows, row_in, n_cols, ignore_index)
@@ -376,6 +384,20 @@ def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _split_fp32(value: float, acc: torch.dtype) -> tuple[float, float]:
+    """``value`` as (its fp32 rounding, the rest), for kernels that add the two in ACC.
+
+    Triton passes a Python float to a compiled kernel as fp32 (the interpreter rounds it where it
+    meets a tensor): label smoothing 0.1 would arrive as 0.10000000149, an error of 1e-8 in float64
+    losses and gradients. Both parts survive fp32 (the first exactly, the second to 2^-48 of the
+    value); in float32 the second vanishes below the first's last bit, so it is 0 there.
+    """
+    if acc != torch.float64:
+        return value, 0.0
+    high = torch.tensor(value, dtype=torch.float32).item()
+    return high, value - high
+
+
 def _triton_forward(x, target, grad, scale, ignore_index, label_smoothing):
     """(row losses, (2, N) stats: shift and log-denominator) of 2-D ``x``; fills ``grad`` when given.
 
@@ -395,7 +417,7 @@ def _triton_forward(x, target, grad, scale, ignore_index, label_smoothing):
         out, out.stride(0), out.stride(1),
         n_rows, n_cols,
         -100 if ignore_index is None else ignore_index,
-        label_smoothing,
+        *_split_fp32(label_smoothing, acc),
         ROWS=rows, BLOCK_V=block_v, SINGLE_TILE=block_v >= n_cols,
         SMOOTHING=label_smoothing > 0, WRITE_GRAD=grad is not None, ACC=_tl_dtype(acc),
         num_warps=num_warps,
@@ -415,7 +437,7 @@ def _triton_backward(x, target, stats, scale, grad, ignore_index, label_smoothin
         grad, grad.stride(0), grad.stride(1),
         n_rows, n_cols,
         -100 if ignore_index is None else ignore_index,
-        label_smoothing,
+        *_split_fp32(label_smoothing, stats.dtype),
         ROWS=rows, BLOCK_V=block_v, ACC=_tl_dtype(stats.dtype),
         num_warps=num_warps,
     )  # fmt: skip
@@ -588,6 +610,20 @@ _BACKWARD = {"triton": _triton_backward, "torch": _torch_backward}
 _RESCALE = {"triton": _triton_rescale, "torch": _torch_rescale}
 
 
+def _shares_memory(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may be one memory location (stride 0, or as_strided overlaps).
+
+    Sorted by stride, each dimension must step past everything the smaller ones span; a layout
+    that fails this might still be injective, but none that PyTorch's view ops make.
+    """
+    reach = 0
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -604,6 +640,11 @@ class _CrossEntropy(torch.autograd.Function):
         fused = want_grad and inplace_grad
         grad = scale = None
         if fused:
+            if _shares_memory(x):  # rows would write their gradients over each other's
+                raise ValueError(
+                    "inplace_grad=True writes the gradient over the logits, but some of their elements share memory "
+                    "(an expanded tensor?); pass logits.contiguous() or leave inplace_grad off"
+                )
             grad = x
             torch.autograd.graph.increment_version(logits)  # autograd then rejects stale uses of the logits
             # The reduction's scale; a mean over no targets gives inf, which ignored rows never see.

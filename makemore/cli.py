@@ -7,7 +7,10 @@ stderr (what, where, how to fix) and exit code 2, never a traceback.
 
 import argparse
 import json
+import math
+import re
 import sys
+import tempfile
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -19,10 +22,15 @@ from .data import DataError, Vocab, load_source
 from .models import build_model
 from .sample import sample_items, sample_text
 from .train import CHECKPOINT, RECIPES, TrainConfig, distributed, evaluate, make_configs, train
-from .train.config import flag, model_fields
+from .train.config import check_new_run, flag, model_fields
+from .train.loop import LostPeerError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# Samples are drawn as one batch and text one character a step: bounds that keep a typo from filling
+# memory or running for hours.
+MAX_SAMPLES = 100_000
+MAX_LENGTH = 1_000_000
 # What a resumed run may change: how long it goes on and how it reports, never what it trains.
 RESUMABLE = ("max_steps", "max_seconds", "device", "dtype", "compile", "eval_interval", "eval_iters", "eval_max_tokens", "log_interval", "checkpoint_interval")
 
@@ -31,12 +39,52 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, CheckpointError, ValueError, TypeError, FloatingPointError) as e:
-        print(f"makemore {args.command}: error: {e}", file=sys.stderr)
+    except (DataError, CheckpointError, ValueError, TypeError, FloatingPointError, LostPeerError) as e:
+        print(f"makemore {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # a path that cannot be read or written (permissions, a full disk), wherever it was met
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"makemore {args.command}: error: {where}{e.strerror or _one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (RuntimeError, MemoryError) as e:
+        message = _out_of_memory(e, args.command)
+        if not message:
+            raise  # a bug: its traceback is what it takes to fix it
+        print(f"makemore {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"makemore {args.command}: interrupted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _one_line(e: BaseException) -> str:
+    """The message's first line: torch's own errors can carry a C++ stack trace after it."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# What makes each command's tensors large, for the out-of-memory message.
+MEMORY_FLAGS = {
+    "train": "--batch-size, --block-size, --seq-len, --n-embd, --n-hidden, --n-skip or --eval-iters",
+    "sample": "-n or --length",
+    "eval": "--max-tokens",
+}
+
+
+def _out_of_memory(e: BaseException, command: str) -> str:
+    """The one-line message for an allocation that failed (a huge size), or "" for any other error."""
+    text = str(e)
+    if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text or "out of memory" in text):
+        return ""
+    size = ""
+    if found := re.search(r"allocate (\d+) bytes", text):  # the CPU allocator's wording
+        n, unit = float(found[1]), 0
+        while n >= 1024 and unit < 6:
+            n, unit = n / 1024, unit + 1
+        size = f" (tried to allocate {n:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB')[unit]})"
+    elif found := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGTP]?i?B)", text):  # CUDA's
+        size = f" (tried to allocate {found[1]})"
+    return f"out of memory{size}; lower {MEMORY_FLAGS[command]}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,17 +147,24 @@ def _train(args) -> int:
     given = _given_settings(args)
     if args.resume:
         state = checkpoint.load(out / CHECKPOINT)
-        changed = sorted(flag(name) for name in given if name not in RESUMABLE)
+        # A lower --lr continues a run that diverged from its last good checkpoint (training stops
+        # before saving a diverged state, and the same rate would diverge again at the same step).
+        lowered = "lr" in given and given["lr"] <= state["config"]["lr"]
+        changed = sorted(flag(name) for name in given if name not in RESUMABLE and not (name == "lr" and lowered))
         if changed:
-            raise ValueError(f"{', '.join(changed)} cannot change when resuming; only {', '.join(flag(n) for n in RESUMABLE)} can")
+            raise ValueError(f"{', '.join(changed)} cannot change when resuming; only {', '.join(flag(n) for n in RESUMABLE)} can, and --lr be lowered")
         settings = {**state["config"], **{k: v for k, v in state["model_config"].items() if k != "vocab_size"}, **given}
     else:
-        if args.samples < 0:
-            raise ValueError(f"--samples must be >= 0, got {args.samples}")
+        if not 0 <= args.samples <= MAX_SAMPLES:
+            raise ValueError(f"--samples must be in [0, {MAX_SAMPLES:,}], got {args.samples}")
         if (out / CHECKPOINT).exists() and not args.force:
             raise CheckpointError(f"{out / CHECKPOINT} already exists; pass --resume to continue that run or --force to start over")
         settings = {**RECIPES[args.recipe], **given}
     config, model_config = make_configs(settings)
+    if not args.resume:
+        check_new_run(config, model_config)
+    _check_device(config.device)
+    _check_out_dir(out)
     result = train(config, model_config, out, resume=args.resume, progress=not args.quiet)
     if not distributed.is_main_process():
         return 0  # under torchrun, rank 0 prints the losses and the samples
@@ -121,10 +176,16 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    if args.num_samples < 1:
-        raise ValueError(f"-n must be >= 1, got {args.num_samples}")
-    if args.length < 0:
-        raise ValueError(f"--length must be >= 0, got {args.length}")
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise ValueError(f"-n must be in [1, {MAX_SAMPLES:,}], got {args.num_samples}")
+    if not 0 <= args.length <= MAX_LENGTH:
+        raise ValueError(f"--length must be in [0, {MAX_LENGTH:,}], got {args.length}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
     model, state = load_model(args.out)
     samples = _samples(
         model, state, args.num_samples, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
@@ -135,22 +196,50 @@ def _sample(args) -> int:
 
 
 def _eval(args) -> int:
+    if args.max_tokens is not None and not 1 <= args.max_tokens < 2**63:
+        raise ValueError(f"--max-tokens must be in [1, 2^63), got {args.max_tokens}")
     model, state = load_model(args.out)
     config = TrainConfig(**state["config"])
     source = load_source(args.data or config.data, config.kind, seed=config.seed, vocab=Vocab(state["vocab"]))
-    result = evaluate(model, source, max_tokens=args.max_tokens or config.eval_max_tokens)
+    result = evaluate(model, source, max_tokens=config.eval_max_tokens if args.max_tokens is None else args.max_tokens)
     print(json.dumps(result) if args.json else " ".join(f"{split} {loss:.4f}" for split, loss in result.items()))
     return 0
 
 
+def _check_device(name: str) -> None:
+    """--device names a device this machine has: otherwise moving the model there fails with a traceback."""
+    device = distributed.device(name)  # under torchrun, cuda is cuda:LOCAL_RANK
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            if not count:
+                raise ValueError(f"--device {name}: no CUDA device is available here (or this torch was built without CUDA); use --device cpu")
+            raise ValueError(f"--device {name}: this machine has cuda:0 to cuda:{count - 1}; pick one of those or --device cpu")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+
+
+def _check_out_dir(out: Path) -> None:
+    """--out is a directory this process can write into (made if missing), checked before any data is read."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a directory; pass a directory (it is made if missing)")
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # the directory's mode alone does not tell (root, ACLs, read-only mounts)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or _one_line(e)}); choose a directory you can write") from None
+
+
 def load_model(out_dir: Path):
     """The trained model in ``out_dir`` (eval mode, on the CPU) and its checkpoint."""
+    if Path(out_dir).is_file():  # most likely the checkpoint itself: name its directory
+        raise ValueError(f"--out {out_dir} is a file; pass the training run's directory (the one that holds {CHECKPOINT})")
     state = checkpoint.load(Path(out_dir) / CHECKPOINT)
     settings = {**state["config"], **state["model_config"]}
     vocab_size = settings.pop("vocab_size")
     config, model_config = make_configs(settings, vocab_size=vocab_size)
     model = build_model(config.model, model_config)
-    model.load_state_dict(state["model"])
+    checkpoint.load_weights(model, state["model"], Path(out_dir) / CHECKPOINT)
     return model.eval(), state
 
 
@@ -159,11 +248,12 @@ def _samples(model, state, n, *, seed, temperature=1.0, top_k=None, unique=False
     generator = torch.Generator().manual_seed(seed)
     if state["kind"] == "stream":
         return [sample_text(model, vocab, length, prompt, temperature=temperature, top_k=top_k, generator=generator)]
-    exclude = frozenset(_training_items(state)) if unique else frozenset()
+    exclude = _training_items(state) if unique else frozenset()
     return sample_items(model, vocab, n, state["max_len"], temperature=temperature, top_k=top_k, generator=generator, exclude=exclude)
 
 
-def _training_items(state) -> list[str]:
+def _training_items(state):
+    """The training split's items for ``in`` tests: hashes in a tensor, not a set of str (10 million names would take 1 GB)."""
     config = TrainConfig(**state["config"])
-    return load_source(config.data, config.kind, seed=config.seed, vocab=Vocab(state["vocab"])).items["train"]
+    return load_source(config.data, config.kind, seed=config.seed, vocab=Vocab(state["vocab"])).item_set("train")
 

@@ -1,5 +1,7 @@
 """Sampling from a trained model: many samples as one batch, not one Python loop per sample."""
 
+from collections.abc import Container
+
 import torch
 
 from .data import Vocab
@@ -14,25 +16,29 @@ def sample_items(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
-    exclude: frozenset[str] = frozenset(),
+    exclude: Container[str] = frozenset(),
     max_rounds: int = 50,
     device="cpu",
 ) -> list[str]:
     """``n`` items (e.g. names), each generated from an empty context until it emits the boundary '.'
     (or reaches ``max_len`` characters, the longest training item).
 
-    Items in ``exclude`` (e.g. the training set) are skipped; batches are drawn until ``n`` new ones
-    are found or ``max_rounds`` batches have been drawn.
+    Items in ``exclude`` (e.g. the training split's ``item_set``) are skipped; batches are drawn
+    until ``n`` new ones are found or ``max_rounds`` batches have been drawn.
     """
     found: list[str] = []
     for _ in range(max_rounds):
         empty = torch.zeros(n, 0, dtype=torch.int64, device=device)
-        rows = model.generate(empty, max_len + 1, temperature=temperature, top_k=top_k, generator=generator)
-        for row in rows.tolist():
-            item = vocab.decode(row[: row.index(0)] if 0 in row else row)
+        rows = model.generate(empty, max_len + 1, temperature=temperature, top_k=top_k, generator=generator).cpu()
+        # Each row up to its first boundary, found on the tensor: a row is as long as the longest
+        # training item, and a list of Python ints per row would cost 28 bytes per token.
+        ended = rows == 0
+        ends = torch.where(ended.any(1), ended.int().argmax(1), rows.shape[1]).tolist()
+        for row, end in zip(rows, ends, strict=True):
+            item = vocab.decode(row[:end])
             if item and item not in exclude:
                 found.append(item)
-        if len(found) >= n or not exclude:
+        if len(found) >= n:  # else draw again: empty items (an immediate boundary) and excluded ones are replaced
             break
     return found[:n]
 
@@ -51,4 +57,4 @@ def sample_text(
     """``prompt`` continued by ``length`` sampled characters, for models of stream data."""
     idx = vocab.encode(prompt, where="--prompt")[None, :].to(device, torch.int64)
     out = model.generate(idx, length, temperature=temperature, top_k=top_k, generator=generator)
-    return vocab.decode(out[0].tolist())
+    return vocab.decode(out[0].cpu())

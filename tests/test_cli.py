@@ -124,7 +124,7 @@ def test_bad_options(tmp_path, capsys, flags, message):
 
 
 def test_bad_sample_options(trained, capsys):
-    assert "temperature must be > 0" in bad(capsys, "sample", "--out", trained, "--temperature", "0")
+    assert "--temperature must be a finite number > 0" in bad(capsys, "sample", "--out", trained, "--temperature", "0")
 
 
 def test_console_script_errors_without_traceback(tmp_path):

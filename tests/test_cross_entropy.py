@@ -294,6 +294,23 @@ def test_float64_is_computed_in_float64(backend, v, reduction, inplace_grad):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", [1, 27, 1000])
+@pytest.mark.parametrize("inplace_grad", [False, True])
+def test_float64_label_smoothing_is_exact(backend, v, inplace_grad):
+    """Triton passes a Python float to a kernel as fp32: label smoothing 0.1 arrived as 0.10000000149,
+    and V = 1's gradient, exactly 0, came out 2e-8. Found by tests/test_fuzz_cross_entropy.py."""
+    logits, target = make_case(5, v, ignore="some", dtype=torch.float64, device=device_for(backend))
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x * 1, target, label_smoothing=0.1, inplace_grad=inplace_grad, backend=backend)
+    x_ref = logits.clone().requires_grad_()
+    ref = F.cross_entropy(x_ref, target, label_smoothing=0.1)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-15)
+
+
 # --- tiling: several chunks (fallback) and several tiles per row or rows per tile (Triton) ---
 
 
@@ -520,7 +537,7 @@ def test_triton_never_synchronises_with_the_host(inplace_grad, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)  # derandomize: CI runs the same examples every time
 @given(
     n=st.integers(1, 40),
     v=st.integers(1, 300),

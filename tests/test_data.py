@@ -1,8 +1,5 @@
 import hashlib
-import io
 import random
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -60,16 +57,36 @@ def test_windows_match_the_lectures_character_loop(names, names_vocab, block_siz
 
 @pytest.mark.parametrize("R", [1, 8])
 def test_sequence_batches_hold_exactly_the_windows(names, names_vocab, R):
-    """Whole items, left-padded with R zeros, right-padded to one fixed width: the same (window, target) pairs."""
+    """Whole items, left-padded with R zeros, in batches of similar length: the same (window, target) pairs, each once."""
     source = data.LineSource(names[:200], names_vocab)
     batches = list(source.eval_batches("val", R, batch_tokens=64, max_tokens=10**9))
-    assert len(batches) > 1 and {b.idx.shape[1] for b in batches} == {R + source.max_len}
+    assert len(batches) > 1 and max(b.idx.shape[1] for b in batches) == R + max(map(len, source.items("val")))
+    for b in batches:  # rows of at most 64 positions, or one row; each as wide as its longest item needs
+        assert b.idx.numel() <= 64 or len(b.idx) == 1
+        assert int((b.targets != IGNORE_INDEX).sum(1).max()) == b.targets.shape[1]
     windows = torch.cat([b.idx.unfold(1, R, 1)[b.targets != IGNORE_INDEX] for b in batches])
     targets = torch.cat([b.targets[b.targets != IGNORE_INDEX] for b in batches])
     X, Y = source.windows("val", R)
-    assert torch.equal(windows, X.long()) and torch.equal(targets, Y.long())
+    assert torch.equal(multiset(torch.cat([windows, targets[:, None]], 1)), multiset(torch.cat([X, Y[:, None]], 1).long()))
     valid = torch.cat([(b.targets != IGNORE_INDEX).sum(1) for b in batches])
-    assert valid.tolist() == [len(w) + 1 for w in source.items["val"]]
+    assert sorted(valid.tolist()) == sorted(len(w) + 1 for w in source.items("val"))
+
+
+def multiset(rows: torch.Tensor) -> torch.Tensor:
+    """The rows as a multiset: each distinct row, sorted, followed by how often it occurs."""
+    distinct, counts = torch.unique(rows, dim=0, return_counts=True)
+    return torch.cat([distinct, counts[:, None]], 1)
+
+
+@pytest.mark.parametrize("index_bits", [31, 56])  # 56: keys keep 8 bits of hash, so each lookup meets about 10 strangers
+def test_item_set_holds_exactly_the_splits_items(names, names_vocab, monkeypatch, index_bits):
+    monkeypatch.setattr(data.ItemSet, "INDEX_BITS", index_bits)
+    source = data.LineSource(names[:3000], names_vocab)
+    train, items = source.item_set("train"), source.items("train")
+    assert len(train) == source.n_items("train") and items == data.lecture_split(names[:3000])[0]
+    assert all(item in train for item in items)
+    assert not any(item in train for item in set(source.items("val") + source.items("test")) - set(items))
+    assert "zzzzqq" not in train and "" not in train and "an.na" not in train and "ë" not in train
 
 
 def test_random_batches_in_both_layouts(names, names_vocab):
@@ -104,6 +121,12 @@ def test_bounded_evaluation_spreads_over_the_split():
     chunks = list(source.eval_batches("train", 8, batch_tokens=4096, max_tokens=10_000))
     n = sum(int((b.targets != IGNORE_INDEX).sum()) for b in chunks)
     assert 9_000 <= n <= 10_000
+
+
+def test_bounded_evaluation_of_lines_spreads_over_the_split(names, names_vocab):
+    source = data.LineSource(names, names_vocab)  # 25,626 training names, 182,625 targets
+    batches = list(source.eval_batches("train", 8, batch_tokens=4096, max_tokens=20_000))
+    assert 18_000 <= sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches) <= 22_000
 
 
 def test_stream_ids_are_compact(tmp_path):
@@ -179,48 +202,7 @@ def test_lines_are_stripped_and_blank_lines_skipped(tmp_path):
     assert data.read_lines(write(tmp_path, b"  anna \n\n\r\nbob\r\n")) == ["anna", "bob"]
 
 
-# Downloads: checked against the registry's SHA-256, never half-written.
-
-
-@pytest.fixture
-def fake_download(monkeypatch):
-    def install(payload=None, error=None):
-        def urlopen(url, timeout):
-            if error:
-                raise error
-            return io.BytesIO(payload)
-
-        monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-
-    return install
-
-
-def fake_info(payload: bytes) -> data.DatasetInfo:
-    return data.DatasetInfo("tiny.txt", "https://example.invalid/tiny.txt", hashlib.sha256(payload).hexdigest(), "lines")
-
-
-def test_download_checks_sha256_and_saves(tmp_path, fake_download, monkeypatch):
-    payload = b"anna\nbob\n"
-    monkeypatch.setitem(data.DATASETS, "tiny", fake_info(payload))
-    fake_download(payload)
-    path, kind, sha256 = data.resolve("tiny", data_dir=tmp_path)
-    assert path == tmp_path / "tiny.txt" and path.read_bytes() == payload and kind == "lines"
-    assert sha256 == data.DATASETS["tiny"].sha256
-
-
-def test_download_with_wrong_sha256_saves_nothing(tmp_path, fake_download, monkeypatch):
-    monkeypatch.setitem(data.DATASETS, "tiny", fake_info(b"something else"))
-    fake_download(b"anna\n")
-    with pytest.raises(DataError, match="does not match the expected"):
-        data.resolve("tiny", data_dir=tmp_path)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_offline_download_says_where_to_put_the_file(tmp_path, fake_download, monkeypatch):
-    monkeypatch.setitem(data.DATASETS, "tiny", fake_info(b"anna\n"))
-    fake_download(error=urllib.error.URLError("no network"))
-    with pytest.raises(DataError, match=r"could not download https://example.invalid/tiny.txt .*place the file at .*tiny.txt by hand"):
-        data.resolve("tiny", data_dir=tmp_path)
+# Downloads are tested against a real local HTTP server in test_download.py.
 
 
 def test_both_data_sets_ship_with_the_package_and_are_checked(tmp_path):

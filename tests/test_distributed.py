@@ -2,15 +2,18 @@
 
 Each test that launches torchrun runs ``python -m torch.distributed.run --standalone
 --nproc_per_node 2 -m makemore train ...`` as a user would, with OMP_NUM_THREADS=1 so that the two
-ranks share a small machine; a launch costs a few seconds, so the file launches five times.
+ranks share a small machine; a launch costs a few seconds, so the file launches seven times.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,11 +41,16 @@ def flags(settings: dict) -> list[str]:
     return [arg for name, value in settings.items() for arg in ("--" + name.replace("_", "-"), str(value))]
 
 
-def torchrun(*argv, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun_command(*argv, nproc: int = 2) -> tuple[list[str], dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "makemore", "train", *map(str, argv)]
+    return command, env
+
+
+def torchrun(*argv, nproc: int = 2) -> subprocess.CompletedProcess:
+    command, env = torchrun_command(*argv, nproc=nproc)
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)  # a hang guard only
 
 
@@ -171,3 +179,59 @@ def test_one_process_under_torchrun_is_a_plain_run(tmp_path, monkeypatch):
     assert torch.equal(a["losses"], b["losses"]) and torch.equal(a["generator"], b["generator"])
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def workers(agent: int) -> dict[int, int]:
+    """The ranks torchrun's agent ``agent`` started, and their pids (its children, with RANK in their environment)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0") if parent == agent else []
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or gone meanwhile
+        for variable in environ:
+            if variable.startswith(b"RANK="):
+                found[int(variable[5:])] = int(entry.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc (Linux)")
+def test_a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes(tmp_path):
+    """SIGKILL rank 1 mid-run: rank 0 (the writer) loses it in its next collective (gloo sees the connection
+    reset at once; no timeout is involved), torchrun stops the job and names the killed rank, and the last
+    checkpoint is whole and resumes. Bounded: 120 s from the kill to the end of the job."""
+    out = tmp_path / "killed"
+    command, env = torchrun_command(*flags(TINY), "--max-steps", 10**6, "--checkpoint-interval", 5, *REPORTING, "--out", out)
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / CHECKPOINT).exists() and len(workers(job.pid)) == 2):
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint from the 2 ranks"
+            time.sleep(0.01)
+        os.kill(workers(job.pid)[1], signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:  # still running: the assertion below reports it
+            for pid in workers(job.pid).values():
+                os.kill(pid, signal.SIGKILL)
+            job.kill()
+            job.communicate()
+    assert job.returncode != 0 and time.monotonic() - killed < 120
+    root_cause = err.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1" in root_cause and "Signal 9 (SIGKILL)" in root_cause, err
+    # Rank 0 says so in one line if it notices before torchrun stops it, and never with a traceback.
+    for line in err.splitlines():
+        if "makemore train: error:" in line:
+            assert "lost contact with another process of this job" in line and "continue with the same command and --resume" in line, err
+    frames = [row for row in err.splitlines() if row.lstrip().startswith('File "') or "Traceback" in row]
+    assert not [row for row in frames if "[rank" in row], err
+
+    state = checkpoint.load(out / CHECKPOINT)  # whole, whatever the moment
+    assert state["step"] > 0 and state["step"] % 5 == 0 and state["world_size"] == 2
+    result = torchrun("--resume", "--max-steps", state["step"] + 3, *REPORTING, "--out", out)
+    assert result.returncode == 0, result.stderr
+    resumed = checkpoint.load(out / CHECKPOINT)
+    assert resumed["step"] == state["step"] + 3 and torch.equal(resumed["losses"][: state["step"]], state["losses"])
+    assert not list(out.glob("ckpt.pt.*.tmp")) and not (out / ".lock").exists()

@@ -63,6 +63,8 @@ class GatedWaveNetConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.n_levels > 16:
             raise ValueError(f"--n-levels must be <= 16 (a receptive field of 65536 per stack), got {self.n_levels}")
+        if self.stacks > 16:  # each stack builds n_levels layers at once: a huge count would fill memory with modules
+            raise ValueError(f"--stacks must be <= 16 (at most 256 layers, a receptive field of about a million), got {self.stacks}")
         if self.order not in GATED_ORDERS:
             raise ValueError(f"--order must be one of {', '.join(GATED_ORDERS)} for the gated model, got {self.order!r}")
 

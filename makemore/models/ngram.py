@@ -9,6 +9,8 @@ from torch import nn
 from ..data import IGNORE_INDEX
 from .base import LanguageModel, sliding_windows
 
+MAX_COUNTS = 1 << 26  # count-table entries: 256 MiB of float32 counts (27^5 fits, 27^6 does not)
+
 
 @dataclass
 class NGramConfig:
@@ -19,8 +21,16 @@ class NGramConfig:
     def __post_init__(self):
         if self.n < 2:
             raise ValueError(f"--n must be >= 2 (a bigram or longer), got {self.n}")
-        if self.smoothing < 0:
-            raise ValueError(f"--smoothing must be >= 0, got {self.smoothing}")
+        if not 0 <= self.smoothing < float("inf"):  # nan and inf fail too
+            raise ValueError(f"--smoothing must be a finite number >= 0, got {self.smoothing}")
+        # The count table has vocab_size ** n entries (and fit's bincount as many int64s): past the
+        # bound it would not fit in memory. min() keeps the power small for an absurd --n.
+        entries = self.vocab_size ** min(self.n, 64)
+        if entries > MAX_COUNTS:
+            raise ValueError(
+                f"--n {self.n} needs a count table of {self.vocab_size}^{self.n} entries for a vocabulary of {self.vocab_size}, "
+                f"above the limit of {MAX_COUNTS:,} (256 MiB of counts); use a smaller --n"
+            )
 
 
 class NGram(LanguageModel):

@@ -6,7 +6,10 @@ named overrides of them, and each dataclass validates itself with one clear erro
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
+
+import torch
 
 from ..data import KINDS, LAYOUTS
 from ..models import MODELS
@@ -14,6 +17,13 @@ from ..models import MODELS
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 DTYPES = ("float32", "bfloat16")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+# The loop keeps every step's loss and clock time for the whole run, allocated when training starts
+# (12 bytes a step): the bound stops a stray zero (--max-steps 10000000000) from taking 120 GB.
+MAX_STEPS = 10_000_000
+INT64 = 2**63  # ints end up as tensor sizes, indices and seeds: int64 in torch
+# Models that normalise over the batch (BatchNorm): one window alone has no variance.
+BATCH_NORM_MODELS = ("mlp", "wavenet")
 
 
 def option(default, help: str, choices=None):
@@ -56,6 +66,7 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model (falls back to eager with a message where it cannot)")
 
     def __post_init__(self):
+        check_numbers(self)
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -66,14 +77,47 @@ class TrainConfig:
             _at_least(self, name, 0)
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        for name in ("decay_at", "warmup", "beta1", "beta2"):
+        for name in ("decay_at", "warmup"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{flag(name)} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):  # AdamW divides by 1 - beta ** step: 1 is a division by zero
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.max_steps > MAX_STEPS:
+            raise ValueError(
+                f"--max-steps must be <= {MAX_STEPS:,} (the run keeps each step's loss in memory), got {self.max_steps:,}; "
+                "bound a long run with --max-seconds instead"
+            )
+        if not 0 <= self.seed < INT64 - 1:  # seed + 1 seeds the estimates' generator
+            raise ValueError(f"--seed must be in [0, 2^63 - 1), got {self.seed}")
+        try:
+            device_type = torch.device(self.device).type
+        except (RuntimeError, TypeError):
+            device_type = None
+        if device_type not in DEVICE_TYPES:
+            raise ValueError(f"--device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
 def _at_least(config, name: str, low) -> None:
-    if getattr(config, name) < low:
+    if not getattr(config, name) >= low:  # written so that nan fails too
         raise ValueError(f"{flag(name)} must be >= {low}, got {getattr(config, name)}")
+
+
+def check_numbers(config) -> None:
+    """Every int field of a config within int64 and every float field finite, or one error naming the flag.
+
+    For every config dataclass, before its own range checks: nan passes comparisons such as
+    ``value < 0`` unnoticed, inf makes a run that looks fine and learns nothing, and torch reports an
+    int beyond int64 as a many-line C++ error far from the flag that caused it.
+    """
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) and not -INT64 <= value < INT64:
+            raise ValueError(f"{flag(f.name)} must be below 2^63 in magnitude, got {value}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag(f.name)} must be a finite number, got {value}")
 
 
 def flag(name: str) -> str:
@@ -114,4 +158,35 @@ def make_configs(settings: dict, vocab_size: int | None = None):
         raise ValueError(f"the {config.model} model has no {', '.join(sorted(flag(n) for n in foreign))}")
     if vocab_size is not None:
         model_settings["vocab_size"] = vocab_size
-    return config, config_cls(**model_settings)
+    model_config = config_cls(**model_settings)
+    check_numbers(model_config)
+    return config, model_config
+
+
+def check_new_run(config: TrainConfig, model_config) -> None:
+    """Combinations that would train silently wrong, refused before a new run starts.
+
+    Not part of make_configs: checkpoints written before these checks existed must still load.
+    """
+    if config.model in BATCH_NORM_MODELS:
+        # BatchNorm's variance over a single value is nan (0 with the fused kernel: a run that learns nothing).
+        if config.layout == "windows" and config.batch_size < 2:
+            raise ValueError(
+                f"--batch-size must be >= 2 for the {config.model} model with --layout windows: its BatchNorm "
+                f"normalises over the batch, and one window has no variance (got {config.batch_size})"
+            )
+        if config.layout == "sequences" and config.batch_size * config.seq_len < 2:  # stream rows; a line has 2 targets or more
+            raise ValueError(
+                f"--batch-size x --seq-len must be >= 2 for the {config.model} model: its BatchNorm normalises over "
+                f"the batch's targets, and one has no variance (got {config.batch_size} x {config.seq_len})"
+            )
+    if config.optimizer == "adamw" and config.lr * config.weight_decay >= 1:
+        raise ValueError(
+            f"--weight-decay x --lr must be < 1 (AdamW scales the matrices by 1 - lr x weight_decay each step; "
+            f"got {config.weight_decay:g} x {config.lr:g}): lower --weight-decay"
+        )
+    if config.min_lr > config.lr:
+        raise ValueError(
+            f"--min-lr ({config.min_lr:g}) must be <= --lr ({config.lr:g}): the schedule decays from --lr to --min-lr; "
+            "lower --min-lr as well"
+        )

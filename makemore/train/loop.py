@@ -2,7 +2,8 @@
 
 Read it top to bottom as nanoGPT's train.py: set up (data, model, optimiser, resume), then per
 step: learning rate, evaluate and checkpoint when due, forward and backward over the
-micro-batches, clip, step, log. The host reads tensor values only when logging or evaluating.
+micro-batches, clip, step, log. The host reads tensor values only when logging, checkpointing or
+evaluating.
 
 The ``lecture`` recipe is lecture 5's run, step for step: ``torch.manual_seed(42)`` before init,
 minibatches from ``torch.randint`` on the same random stream, SGD at lr 0.1 then 0.01 from step
@@ -22,12 +23,19 @@ trains exactly as a plain run; rank r > 0 a stream seeded from (seed, r), which 
 dropout. The ranks meet only in DDP's gradient all-reduce, at logging and checkpoint time (the
 mean loss, the summed tokens, the generators' states) and, with ``--max-seconds``, once per step
 on the largest clock, so that all stop at the same step with the same learning rate.
+
+Faults: the run directory is locked for one training at a time (lock.py); a loss that diverges
+stops training with one line before it is logged or saved (``check_divergence``), so the last
+checkpoint is always a good one to resume, at a lower ``--lr``; a rank that loses its peers under
+torchrun says so in one line; a process killed at any moment leaves the last checkpoint whole
+(checkpoint.py) and its half-written temporary file is removed by the next run.
 """
 
 import contextlib
 import ctypes
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -38,9 +46,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .. import checkpoint
+from ..checkpoint import CheckpointError
 from ..data import IGNORE_INDEX, Vocab, load_source
 from ..models import build_model
-from . import distributed
+from . import distributed, lock
 from .config import TrainConfig
 from .evaluate import estimate_loss, evaluate
 from .optim import learning_rate, make_optimizer
@@ -49,6 +58,7 @@ from .plots import plot_losses
 CHECKPOINT = "ckpt.pt"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+DIVERGENCE_FACTOR = 3.0  # a loss this many times its start has diverged (check_divergence says why)
 
 
 def train(config: TrainConfig, model_config, out_dir: Path, *, resume: bool = False, progress: bool = True) -> dict:
@@ -56,18 +66,52 @@ def train(config: TrainConfig, model_config, out_dir: Path, *, resume: bool = Fa
 
     Under torchrun: as one rank of the group; rank 0 returns the losses, the other ranks ``{}``.
     """
-    try:
-        return _train(config, model_config, Path(out_dir), resume, progress)
-    finally:
-        distributed.teardown()  # the process group, if this run made one, also after an error
+    out_dir = Path(out_dir)
+    with contextlib.ExitStack() as cleanup:  # undone in reverse on every way out: error, Ctrl-C, divergence
+        if distributed.is_main_process():  # rank 0 alone, before the process group exists (lock.py says why)
+            cleanup.enter_context(lock.hold(out_dir))
+        cleanup.callback(distributed.teardown)  # the process group, if this run made one
+        try:
+            return _train(config, model_config, out_dir, resume, progress, cleanup)
+        except RuntimeError as e:
+            if distributed.world_size() > 1 and _lost_peer(e):
+                if (out_dir / CHECKPOINT).exists():  # (rank 0 writes it whole or not at all: checkpoint.save)
+                    after = f"{out_dir / CHECKPOINT} keeps the last checkpoint: continue with the same command and --resume"
+                else:
+                    after = "no checkpoint was written yet: run the same command again"
+                raise LostPeerError(
+                    f"rank {distributed.rank()}: lost contact with another process of this job ({_first_line(e).split('. ')[0]}): "
+                    f"it failed or was killed (torchrun names it); {after}"
+                ) from None
+            raise
 
 
-def _train(config: TrainConfig, model_config, out_dir: Path, resume: bool, progress: bool) -> dict:
+class LostPeerError(RuntimeError):
+    """Under torchrun, another rank died or stopped answering in a collective; the message is one line."""
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    """A collective failed because a peer went away: torch's distributed errors (NCCL), or gloo's transport errors
+    (plain RuntimeErrors: "Connection reset by peer", "Connection closed by peer", "Timed out waiting ...")."""
+    return isinstance(e, torch.distributed.DistError) or "gloo/transport" in str(e)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    if line.startswith("[") and "] " in line:  # gloo's "[.../pair.cc:537] " source location
+        line = line.split("] ", 1)[1]
+    return line[:160]
+
+
+def _train(config: TrainConfig, model_config, out_dir: Path, resume: bool, progress: bool, cleanup: contextlib.ExitStack) -> dict:
     _keep_freed_memory()
     ddp = distributed.launched()
     rank, world_size = distributed.rank(), distributed.world_size()
     master_process = rank == 0
     out_dir.mkdir(parents=True, exist_ok=True)
+    if master_process:
+        checkpoint.remove_stale_temporaries(out_dir / CHECKPOINT)  # left by a run killed while it wrote
     state = checkpoint.load(out_dir / CHECKPOINT) if resume else None
     if state is not None and state.get("world_size", 1) != world_size:
         raise ValueError(
@@ -97,18 +141,15 @@ def _train(config: TrainConfig, model_config, out_dir: Path, resume: bool, progr
     times = torch.zeros(config.max_steps, dtype=torch.float64)  # training clock at the end of each step
     step, elapsed = 0, 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state.get("generators", [state["generator"]])[rank])
-        if "rng_states" in state:  # the global streams dropout draws from, so a resumed run draws the same masks
-            _set_rng_state(state["rng_states"][rank], device)
+        _restore(state, out_dir / CHECKPOINT, model, optimizer, generator, rank, device)
         step, elapsed = state["step"], state["elapsed"]
         kept = min(step, config.max_steps)
         losses[:kept], times[:kept] = state["losses"][:kept].to(device), state["times"][:kept]
         if master_process:
             _truncate_metrics(out_dir / METRICS, step)
     averaged = step  # losses[:averaged] are means over the ranks
+    checked = step  # losses[:checked] passed the divergence check
+    saved = step if state is not None else None  # the step of this run's last checkpoint, known good
 
     def average_losses() -> None:
         """Under DDP, replace each rank's step losses since the last call by their mean over the ranks (at logging and checkpoints only)."""
@@ -117,8 +158,49 @@ def _train(config: TrainConfig, model_config, out_dir: Path, resume: bool, progr
             distributed.mean_(losses[averaged:step])
         averaged = step
 
+    def check_divergence(probe: bool) -> None:
+        """Stop with one line if the training loss diverged: before a logged loss or a checkpoint, never after.
+
+        Diverged: a step's loss since the last check is nan or inf, or their mean exceeds
+        DIVERGENCE_FACTOR x max(the first step's loss, ln V). The first step's loss is where training
+        starts (ln V for a uniform guess; higher for an over-confident init), and training lowers it;
+        minibatch noise moves it by tenths, far from 3x (measured: the lecture recipe's first step is
+        3.32 and no batch of 32 in its first 10,000 steps comes above it; the limit is 9.9). A
+        too-high learning rate sends the loss to tens, thousands or nan within a few steps, so
+        nothing in between needs telling apart.
+        With ``probe`` (before a checkpoint) it also checks the current weights, the ones a
+        checkpoint would hold: the losses so far were computed before the last update, which alone
+        can ruin the weights (one step at --lr 1e4 does). The probe is the loss the next step will
+        compute, on its batch, without moving anything (see _next_step_loss). Under torchrun every
+        rank checks the same means, so all stop together. The host reads values here only.
+        """
+        nonlocal checked
+        if fits or step == 0 or config.max_steps == 0:
+            return
+        average_losses()
+        parts = [losses[0]] + ([losses[checked:step].mean()] if step > checked else [])
+        if probe:
+            parts.append(distributed.mean_(_next_step_loss(model, source, config, generator, R, autocast, device)))
+        first, *seen = torch.stack(parts).tolist()
+        uniform = math.log(model_config.vocab_size)
+        start = max(first, uniform) if math.isfinite(first) else uniform
+        limit = DIVERGENCE_FACTOR * start
+        if all(value <= limit for value in seen):  # False for nan
+            checked = step
+            return
+        if step > checked and not seen[0] <= limit:
+            window = losses[checked:step].cpu()
+            bad = (~(window <= limit)).nonzero()
+            at = int(bad[0]) if len(bad) else 0
+            diverged_at, value = checked + at + 1, float(window[at])
+        else:
+            diverged_at, value = step + 1, seen[-1]  # the probe: the loss of the step after this one
+        raise FloatingPointError(_divergence_message(diverged_at, value, start, limit, config, _lr_of_step(config, diverged_at, times), out_dir, saved))
+
     def save_checkpoint() -> None:
-        """Rank 0 writes, with every rank's generator state; the other ranks wait."""
+        """Rank 0 writes, with every rank's generator state; the other ranks wait. Never a diverged state."""
+        nonlocal saved
+        check_divergence(probe=True)
         average_losses()
         generators = distributed.gather(generator.get_state())
         rng_states = distributed.gather(_rng_state(device))
@@ -143,9 +225,10 @@ def _train(config: TrainConfig, model_config, out_dir: Path, resume: bool, progr
                 },
                 out_dir / CHECKPOINT,
             )
+        saved = step
         distributed.barrier()
 
-    metrics = open(out_dir / METRICS, "a" if resume else "w") if master_process else None  # a fresh run (--force) starts a fresh log
+    metrics = cleanup.enter_context(open(out_dir / METRICS, "a" if resume else "w")) if master_process else None  # a fresh run (--force) starts a fresh log
 
     def log(record: dict) -> None:
         if master_process:
@@ -161,6 +244,7 @@ def _train(config: TrainConfig, model_config, out_dir: Path, resume: bool, progr
             step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
         model.train()
         bar = tqdm(total=config.max_steps, initial=step, disable=not (progress and master_process), mininterval=1.0, unit="step", dynamic_ncols=True)
+        cleanup.callback(bar.close)
         tokens = torch.zeros((), dtype=torch.int64, device=device)  # targets trained on since the last log
         last_step, last_elapsed = step, elapsed
         while step < config.max_steps and not (config.max_seconds and elapsed >= config.max_seconds):
@@ -196,11 +280,9 @@ def _train(config: TrainConfig, model_config, out_dir: Path, resume: bool, progr
             times[step - 1] = elapsed
 
             if step % config.log_interval == 0 or step == config.max_steps:
-                average_losses()
+                check_divergence(probe=False)
                 distributed.sum_(tokens)
                 mean_loss = losses[last_step:step].mean().item()
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"step {step}: the training loss is {mean_loss}; lower --lr (now {config.lr}) or clip with --grad-clip")
                 rate = tokens.item() / max(elapsed - last_elapsed, 1e-9)
                 log({"step": step, "time": elapsed, "loss": mean_loss, "lr": lr, "tokens_per_s": rate})
                 bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
@@ -217,11 +299,64 @@ def _train(config: TrainConfig, model_config, out_dir: Path, resume: bool, progr
     if master_process:
         result = evaluate(model, source, max_tokens=config.eval_max_tokens, device=device)
         log({"step": step, "time": elapsed, "final": result})
-        metrics.close()
         if step:
             plot_losses(losses[:step].cpu(), times[:step], out_dir / METRICS, out_dir / LOSS_PLOT)
     distributed.barrier()
     return result
+
+
+def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generator, rank: int, device: torch.device) -> None:
+    """Load the checkpoint's weights, optimiser and random states, or say in one line which does not fit."""
+    checkpoint.load_weights(model, state["model"], path)
+    try:
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state.get("generators", [state["generator"]])[rank])
+        if "rng_states" in state:  # the global streams dropout draws from, so a resumed run draws the same masks
+            _set_rng_state(state["rng_states"][rank], device)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path}: its optimiser or random-number state does not fit this run ({_first_line(e)}); "
+            f"the file was edited or comes from another program: restore it or retrain with `makemore train --out {path.parent} --force`"
+        ) from None
+
+
+@torch.no_grad()
+def _next_step_loss(model, source, config: TrainConfig, generator: torch.Generator, R: int, autocast, device) -> torch.Tensor:
+    """The loss the next training step will compute (its batch, the current weights, training mode), leaving no trace.
+
+    The batch comes from a copy of the training generator, BatchNorm's running statistics are put
+    back, and so is the global random state that dropout draws from: the run goes on bit for bit
+    as if this had not been computed.
+    """
+    buffers = [b.clone() for b in model.buffers()]
+    rng = _rng_state(device)
+    peek = torch.Generator().set_state(generator.get_state())
+    batch = source.batch("train", config.batch_size, config.layout, R, peek, config.seq_len).to(device)
+    with autocast:
+        _, loss = model(batch.idx, batch.targets)
+    for b, saved in zip(model.buffers(), buffers, strict=True):
+        b.copy_(saved)
+    _set_rng_state(rng, device)
+    return loss.detach().float().reshape(())
+
+
+def _lr_of_step(config: TrainConfig, n: int, times: torch.Tensor) -> float:
+    """The learning rate step ``n`` (1-based) trained with, as the loop set it: from the steps and the clock before it."""
+    before = float(times[min(n - 2, len(times) - 1)]) if n >= 2 else 0.0
+    return learning_rate(config, max((n - 1) / config.max_steps, before / config.max_seconds if config.max_seconds else 0.0))
+
+
+def _divergence_message(step: int, value: float, start: float, limit: float, config: TrainConfig, lr: float, out_dir: Path, saved) -> str:
+    now = f"now {config.lr:g}" + (f", {lr:g} at that step" if lr != config.lr else "")
+    if saved:
+        after = f"{out_dir / CHECKPOINT} (step {saved}) is from before it: continue it with `makemore train --out {out_dir} --resume --lr {config.lr / 10:g}`"
+    else:
+        after = "no checkpoint was written: start over with --force and a lower --lr, or with --grad-clip"
+    return (
+        f"the training loss diverged at step {step} ({value:.4g}, above {limit:.3g} = {DIVERGENCE_FACTOR:g} x {start:.3g}, where it started): "
+        f"the learning rate is too high: lower --lr ({now}); {after}"
+    )
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -273,6 +408,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past ``step`` and final results, so a resumed run's log reads as one uninterrupted run."""
     if not path.is_file():
         return
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill (the last one): it was never complete
+            continue
     kept = [r for r in records if r["step"] <= step and "final" not in r and not ("estimate" in r and r["step"] == step)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp = path.with_name(path.name + ".tmp")  # replaced whole: a kill now leaves the old log or the new one
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
