@@ -607,9 +607,11 @@ def test_triton_backend_on_cpu_tensors_says_how_to_run_it():
         cross_entropy(logits, target, backend="triton")
 
 
-@pytest.mark.parametrize("n, inplace_grad, expected", [(4, False, "aten"), (4, True, "torch"), (20_000, False, "torch")])
+@pytest.mark.parametrize("n, inplace_grad, expected", [(4, False, "aten"), (4, True, "torch"), ("at the crossover", False, "torch")])
 def test_auto_on_cpu_takes_f_cross_entropy_below_the_crossover(monkeypatch, n, inplace_grad, expected):
     """Small problems go to F.cross_entropy (no Python autograd.Function to pay for), large ones to the fallback."""
+    if n == "at the crossover":
+        n = -(-xent.ATEN_BELOW // (2 * 27))  # rows of (2, 27) logits: the first size at or above ATEN_BELOW
     calls = []
     monkeypatch.setitem(xent._FORWARD, "torch", lambda *args: calls.append("torch") or xent._torch_forward(*args))
     spy = SimpleNamespace(cross_entropy=lambda *args, **kwargs: calls.append("aten") or F.cross_entropy(*args, **kwargs))
