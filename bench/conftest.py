@@ -103,14 +103,7 @@ def matmul_peak(device) -> float:
     reach the BLAS's steady state (2048 on CPU, 8192 on CUDA); the yardstick for model FLOP/s."""
     n = 256 if QUICK else 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    mm = synchronized(lambda: torch.mm(a, b), device)
-    mm()
-    times = []
-    for _ in range(3 if QUICK else 15):
-        start = time.perf_counter()
-        mm()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / _median_call(synchronized(lambda: torch.mm(a, b), device)) / 1e9
 
 
 @pytest.fixture(scope="session")
@@ -120,14 +113,18 @@ def copy_bandwidth(device) -> float:
     memory-bound kernels."""
     n = (4 if QUICK else 64) << 20
     src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
-    copy = synchronized(lambda: dst.copy_(src), device)
-    copy()
+    return 2 * 4 * n / _median_call(synchronized(lambda: dst.copy_(src), device)) / 1e9
+
+
+def _median_call(fn) -> float:
+    """Median seconds of ``fn()`` over a few calls after a warm-up one."""
+    fn()
     times = []
     for _ in range(3 if QUICK else 15):
         start = time.perf_counter()
-        copy()
+        fn()
         times.append(time.perf_counter() - start)
-    return 2 * 4 * n / statistics.median(times) / 1e9
+    return statistics.median(times)
 
 
 @pytest.fixture

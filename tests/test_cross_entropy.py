@@ -8,12 +8,9 @@ it by accident. On a machine with CUDA the Triton cases run here, on the GPU.
 
 import importlib
 import importlib.util
-import os
-import subprocess
 import sys
 import unittest
 from contextlib import contextmanager
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +19,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from interpreter import rerun_triton_cases
 from makemore.kernels import cross_entropy
 
 xent = importlib.import_module("makemore.kernels.cross_entropy")  # the module; `makemore.kernels.cross_entropy` is the function
@@ -629,13 +627,4 @@ def test_auto_on_cpu_takes_f_cross_entropy_below_the_crossover(monkeypatch, n, i
 @pytest.mark.skipif(TRITON_HERE, reason="the Triton cases run in this process")
 def test_triton_cases_pass_under_the_interpreter():
     """Rerun this file's Triton cases in a process that imports Triton with TRITON_INTERPRET=1."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop(xent.BACKEND_ENV, None)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
-         "-k", "triton and not interpreter"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    rerun_triton_cases(__file__, xent.BACKEND_ENV)

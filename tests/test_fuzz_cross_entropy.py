@@ -15,11 +15,7 @@ its cases are few and small.
 
 import importlib
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +23,7 @@ import torch.nn.functional as F
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from interpreter import rerun_triton_cases
 from makemore.kernels import cross_entropy
 
 xent = importlib.import_module("makemore.kernels.cross_entropy")
@@ -312,14 +309,6 @@ def test_shares_memory_against_a_count_of_offsets(shape, data):
 @pytest.mark.skipif(TRITON_HERE, reason="the Triton cases run in this process")
 def test_triton_fuzz_passes_under_the_interpreter():
     """Rerun this file's Triton cases in a process that imports Triton with TRITON_INTERPRET=1."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop(xent.BACKEND_ENV, None)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
-         "-k", "triton and not interpreter"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    passed = re.search(r"(\d+) passed", result.stdout)
-    assert passed and int(passed[1]) >= 6 and " failed" not in result.stdout, result.stdout[-3000:]
+    stdout = rerun_triton_cases(__file__, xent.BACKEND_ENV)
+    passed = re.search(r"(\d+) passed", stdout)
+    assert passed and int(passed[1]) >= 6, stdout[-3000:]
