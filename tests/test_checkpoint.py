@@ -4,8 +4,6 @@ checkpoint of this format is one CheckpointError line naming the file, what is w
 import os
 import pickle
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -64,16 +62,10 @@ def test_checkpoints_get_the_users_file_mode(tmp_path, umask, mode):
     assert path.stat().st_mode & 0o777 == mode
 
 
-def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def test_a_killed_writers_temporary_file_is_removed_at_the_next_save(tmp_path):
+def test_a_killed_writers_temporary_file_is_removed_at_the_next_save(tmp_path, dead_pid):
     path = tmp_path / "ckpt.pt"
     checkpoint.save({"step": 1}, path)
-    stale = tmp_path / f"ckpt.pt.{dead_pid()}.0badf00d.tmp"
+    stale = tmp_path / f"ckpt.pt.{dead_pid}.0badf00d.tmp"
     live = tmp_path / f"ckpt.pt.{os.getppid()}.0badf00d.tmp"  # a writer still alive: maybe writing now
     other = tmp_path / "other.pt.1.0badf00d.tmp"
     for p in (stale, live, other):

@@ -213,16 +213,10 @@ def test_a_second_training_into_a_busy_directory_is_refused(tmp_path, capsys):
     assert checkpoint.load(out / CHECKPOINT)["step"] > 0 and not (out / LOCK).exists()
 
 
-def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def test_a_stale_lock_is_taken_over(tmp_path):
+def test_a_stale_lock_is_taken_over(tmp_path, dead_pid):
     out = tmp_path / "run"
     out.mkdir()
-    (out / LOCK).write_text(f"{dead_pid()} {socket.gethostname()}\n")  # its training was killed
+    (out / LOCK).write_text(f"{dead_pid} {socket.gethostname()}\n")  # its training was killed
     assert main(["train", "--data", "names", "--max-steps", "5", "--out", str(out), "--quiet", "--samples", "0", "--eval-max-tokens", "1000"]) == 0
     assert checkpoint.load(out / CHECKPOINT)["step"] == 5 and not (out / LOCK).exists()
 
