@@ -43,3 +43,46 @@ def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+# Devices. Every test that takes a ``device`` argument runs once per device in DEVICES, collected
+# everywhere: without a GPU the cuda cases show as skipped, never vanish. ``pytest --device cuda``
+# runs only the cuda cases (what bench/gpu.sh runs on a lent GPU) and ends with a count of them.
+DEVICES = ("cpu", "cuda")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("all",) + DEVICES, default="all", help="run the device-parametrised tests on this device only (default: all)")
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames and not any(m.name == "parametrize" and "device" in m.args[0] for m in metafunc.definition.iter_markers()):
+        metafunc.parametrize("device", DEVICES)
+
+
+def pytest_collection_modifyitems(config, items):
+    only = config.getoption("--device")
+    kept, dropped = [], []
+    for item in items:
+        device = getattr(item, "callspec", None) and item.callspec.params.get("device")
+        if only != "all" and device != only:
+            dropped.append(item)
+            continue
+        if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    counts: dict[str, int] = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if report.when in ("call", "setup") and "[" in report.nodeid and "cuda" in report.nodeid.split("[", 1)[1]:
+                if outcome == "passed" and report.when != "call":
+                    continue
+                counts[outcome] = counts.get(outcome, 0) + 1
+    if counts:
+        terminalreporter.write_line("cuda cases: " + ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())))
