@@ -2,21 +2,28 @@
 
 One model (makemore.models.GatedWaveNet, C = G = 64, S = 128, one stack), its orders: "windows"
 (every output's window on its own, the last stack as the per-window tree) and "conv" (whole
-sequences as one flat buffer, the hand-written layer). Both compute the same N·T outputs per call.
-Generation: cached (one node per layer per token) against re-running the model on the last R
-tokens per token.
-
-    python -m bench --out bench/results -k bench_gated [--device cuda]   # this suite and its report
+sequences as one flat buffer, the hand-written layer), interleaved (bench/timing.py), in float32
+and bfloat16 (autocast). Both compute the same N·T outputs per call. Generation: cached (one node
+per layer per token) against re-running the model on the last R tokens per token, 16 samples
+from an empty context, without CUDA graphs (bench_wavenet's generation measures them).
 """
 
-import pytest
+from __future__ import annotations
+
 import torch
 
-from bench.conftest import QUICK, median_seconds
+from bench.bench_wavenet import DTYPES, autocast
+from bench.timing import Deadline, interleaved, record, skipped
 from makemore.models import GatedWaveNet, GatedWaveNetConfig
 
-LEVELS = [2, 3] if QUICK else [8, 10]  # receptive fields 4, 8 (quick) or 256, 1024
-N, T = (2, 8) if QUICK else (2, 64)  # sequences x outputs per sequence
+
+def levels(quick: bool) -> list[int]:
+    return [2, 3] if quick else [8, 10]  # receptive fields 4, 8 (quick) or 256, 1024
+
+
+def outputs(device: torch.device, quick: bool) -> tuple[int, int]:
+    """(sequences, outputs per sequence) of one training call."""
+    return (2, 8) if quick else (4, 512) if device.type == "cuda" else (2, 64)
 
 
 def make(n_levels: int, order: str, device) -> GatedWaveNet:
@@ -24,40 +31,51 @@ def make(n_levels: int, order: str, device) -> GatedWaveNet:
     return GatedWaveNet(GatedWaveNetConfig(65, n_embd=64, n_hidden=64, n_skip=128, n_levels=n_levels, order=order)).to(device)
 
 
-@pytest.mark.parametrize("order", ["windows", "conv"])
-@pytest.mark.parametrize("n_levels", LEVELS)
-def test_train_step(benchmark, measure, device, n_levels, order):
+def train_call(n_levels: int, order: str, dtype: str, device: torch.device, quick: bool):
     """Forward, loss and backward over N sequences of T outputs."""
     model = make(n_levels, order, device)
-    R = model.receptive_field
+    N, T = outputs(device, quick)
     generator = torch.Generator().manual_seed(0)
-    S = torch.randint(0, 65, (N, R + T - 1), generator=generator).to(device)
+    S = torch.randint(0, 65, (N, model.receptive_field + T - 1), generator=generator).to(device)
     Y = torch.randint(0, 65, (N, T), generator=generator).to(device)
 
-    def step():
+    def call():
         model.zero_grad(set_to_none=True)
-        model(S, Y)[1].backward()
+        with autocast(device, dtype):
+            loss = model(S, Y)[1]
+        loss.backward()
 
-    benchmark.group = f"gated fwd+bwd, {N * T} outputs"
-    benchmark.extra_info.update(path=order, block_size=R, outputs=N * T, baseline=order == "windows")  # block_size: R, for the report's sweep
-    measure(benchmark, step)
-    if (seconds := median_seconds(benchmark)) is not None:
-        benchmark.extra_info["positions_per_s"] = round(N * T / seconds)
+    return call
 
 
-@pytest.mark.parametrize("mode", ["rerun", "cached"])
-@pytest.mark.parametrize("n_levels", LEVELS)
-def test_generate(benchmark, measure, device, n_levels, mode):
-    """16 samples of 64 tokens from an empty context."""
-    model = make(n_levels, "conv", device).eval()
-    start = torch.zeros(16, 0, dtype=torch.int64, device=device)
-    tokens = 8 if QUICK else 64
+def sweep(device: torch.device, budget_s: float, *, quick: bool = False) -> list[dict]:
+    N, T = outputs(device, quick)
+    tokens = 8 if quick else 64
+    cells = [("train", dtype, n) for dtype in DTYPES for n in levels(quick)] + [("generate", "float32", n) for n in levels(quick)]
+    deadline, records = Deadline(budget_s), []
+    for i, (kind, dtype, n_levels) in enumerate(cells):
+        R = 2**n_levels
+        if kind == "train":
+            group, unit = f"gated fwd+bwd, {N * T} outputs, {dtype}", N * T
+            fns = {order: train_call(n_levels, order, dtype, device, quick) for order in ("windows", "conv")}
+            base = "windows"
+        else:
+            group, unit = f"gated generation, 16 x {tokens} tokens from an empty context", 16 * tokens
+            model = make(n_levels, "conv", device).eval()
+            start = torch.zeros(16, 0, dtype=torch.int64, device=device)
 
-    def generate():
-        return model.generate(start, tokens, cached=mode == "cached", generator=torch.Generator(device).manual_seed(0))
+            def gen(cached, model=model, start=start):
+                return model.generate(start, tokens, cached=cached, generator=torch.Generator(device).manual_seed(0), cuda_graph=False)
 
-    benchmark.group = f"gated generation, 16 x {tokens} tokens from an empty context"
-    benchmark.extra_info.update(path=mode, block_size=model.receptive_field, tokens=16 * tokens, baseline=mode == "rerun")
-    measure(benchmark, generate)
-    if (seconds := median_seconds(benchmark)) is not None:
-        benchmark.extra_info["tokens_per_s"] = round(16 * tokens / seconds)
+            fns = {"rerun": lambda gen=gen: gen(False), "cached": lambda gen=gen: gen(True)}
+            base = "rerun"
+        if deadline.left() <= 0 and not quick:  # quick: every cell once, whatever the budget
+            records += [skipped(group, f"{p} [{R}]", "out of time budget", path=p, block_size=R) for p in fns]
+            continue
+        times = interleaved(fns, device, deadline.share(len(cells) - i), min_rounds=1 if quick else 3, max_rounds=2 if quick else 30)
+        for path, seconds in times.items():
+            entry = record(group, f"{path} [{R}]", seconds, path=path, block_size=R, baseline=path == base)  # block_size: R, for the report's sweep
+            rate_key = "positions_per_s" if kind == "train" else "tokens_per_s"
+            entry["extra_info"][rate_key] = round(unit / entry["stats"]["median"])
+            records.append(entry)
+    return records

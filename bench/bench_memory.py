@@ -11,8 +11,9 @@ command in a fresh process:
     makemore eval --out RUN
     makemore sample --out RUN --unique                                       (lines: skips training items)
 
-and reports each one's peak resident memory (the child's own ru_maxrss, from wait4), its wall
-time, and the seconds it spent loading the data and in the final evaluation. The final
+and reports each one's peak resident memory (the child's own ru_maxrss, from wait4; with
+``--device cuda`` among the train flags, also the most GPU memory held at once, ``cuda_peak_mib``),
+its wall time, and the seconds it spent loading the data and in the final evaluation. The final
 evaluation covers at most --eval-max-tokens targets per split (default 500,000), whatever the
 file's size. With two sizes or more it also reports the growth of peak memory per MB of data.
 Not a pytest suite (``python -m bench`` skips it): tests/test_memory.py runs it at small sizes.
@@ -47,6 +48,9 @@ def timed(name, fn):
 loop.load_source = cli.load_source = timed("load_s", cli.load_source)
 loop.evaluate = cli.evaluate = timed("evaluate_s", cli.evaluate)
 code = cli.main(sys.argv[2:])
+import torch
+if torch.cuda.is_initialized():  # --device cuda: the most GPU memory the command held at once
+    phases["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
 with open(sys.argv[1], "w") as f:
     json.dump(phases, f)
 sys.exit(code)
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 for result in measure(kind, mb, Path(tmp), args.max_steps, args.then, train_args):
                     results.append(result)
                     phases = "".join(f", {name[:-2]} {result[name]:.1f} s" for name in ("load_s", "evaluate_s") if name in result)
-                    print(f"{kind} {mb:g} MB: {result['command'].split()[1]}: peak {result['peak_rss_mib']:.0f} MiB, {result['wall_s']:.1f} s{phases}", flush=True)
+                    print(f"{kind} {mb:g} MB: {result['command'].split()[1]}: peak {result['peak_rss_mib']:.0f} MiB, {result['wall_s']:.1f} s{phases}"
+                          + (f", GPU peak {result['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in result else ""), flush=True)
     growth = {}
     for kind in args.kinds:
         train = sorted((r["mb"], r["peak_rss_mib"]) for r in results if r["kind"] == kind and r["command"].split()[1] == "train")

@@ -7,37 +7,36 @@ One model (makemore.models.WaveNet, the lecture's widths: n_embd 24, n_hidden 12
 - ``conv1d`` and ``conv``: whole sequences as dilated convolutions (F.conv1d, or one matmul over the
   two shifted views), each node computed once, about log2(B) nodes per output;
 - ``conv, fused``: ``conv`` with BatchNorm + tanh as one autograd function (the ``fast`` recipe's);
-- ``compiled conv, fused``: torch.compile of the fastest eager path (measured once at block 256,
-  compiling plain ``conv`` instead, Inductor's own fusion, was slower than this).
+- ``compiled conv, fused``: torch.compile of the fastest eager path (the full CPU run only, float32
+  forward + backward: each block size compiles for tens of seconds, more than a GPU lease's budget holds).
 
+Each (dtype, phase, block size) cell times its paths interleaved (bench/timing.py), in float32
+(one math mode for every path: timing.TF32) and in bfloat16 (autocast, float32 master weights).
 A path's speed is positions (outputs) per second, so paths may use different batch shapes, each
-big enough to keep the machine busy: windows paths a batch of windows, convolutional paths
-sequences of T = 4·B outputs (the (B - 1)-position warm-up of each sequence then costs little).
-Beside each figure, in ``extra_info``: the executed matmul FLOP/s and its share of this
-machine's fp32 matmul peak measured in the same run (``matmul_peak`` in conftest), and for the
-convolutional paths the node-count ideal (B - 1) / log2(B) over batched windows with the share of
-it reached (the measured speed-up over ``windows`` at the same block size divided by the ideal).
+big enough to keep the device busy: windows paths a batch of windows, convolutional paths
+sequences of T = 4·B outputs. Beside each figure: the executed matmul FLOP/s and its share of
+the matmul peak of the same dtype measured in the same run, and for the convolutional paths the
+node-count ideal (B - 1) / log2(B) over batched windows with the share of it reached.
 
-    python -m bench --out bench/results -k bench_wavenet [--device cuda]   # this suite and its report
+Generation: tokens per second after a full context, cached (ring buffers) against re-run (the
+model on the last B tokens per token), each with and without a CUDA graph on CUDA.
 """
 
+from __future__ import annotations
+
+import contextlib
 import math
-import time
 from functools import partial
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import QUICK, median_seconds, synchronized
+from bench.timing import Deadline, interleaved, record, skipped
 from makemore.models import WaveNet, WaveNetConfig
-from makemore.models.base import LanguageModel
+from makemore.models.base import CUDAGraphed, LanguageModel, next_token, sample_next
 
 VOCAB, N_EMBD, N_HIDDEN = 27, 24, 128
-BLOCK_SIZES = [8, 16] if QUICK else [8, 64, 256, 1024, 4096]
-WINDOWS_UP_TO = 16 if QUICK else 1024  # beyond it, B - 1 nodes per output for a batch of windows take minutes
-PER_POSITION_UP_TO = 8 if QUICK else 64
-PATHS = {  # name -> WaveNetConfig settings; make_path builds the per-position loop and the compiled model
+PATHS = {  # name -> WaveNetConfig settings
     "per position": dict(order="windows"),
     "windows": dict(order="windows"),
     "conv1d": dict(order="conv1d"),
@@ -46,16 +45,31 @@ PATHS = {  # name -> WaveNetConfig settings; make_path builds the per-position l
     "compiled conv, fused": dict(order="conv", fused=True),
 }
 WINDOW_PATHS = ("per position", "windows")
-_windows_rate: dict = {}  # (phase, block size) -> the windows path's positions/s, for the speed-ups
+PHASES = ("fwd+bwd", "fwd")
+DTYPES = ("float32", "bfloat16")
 
 
-def shape(path: str, block_size: int) -> tuple[int, int]:
+def block_sizes(quick: bool) -> list[int]:
+    return [8, 16] if quick else [8, 64, 256, 1024, 4096]
+
+
+def measured(path: str, block_size: int, quick: bool, compiled: bool) -> bool:
+    """Whether a path runs at this block size: the per-position loop up to 64 (8 quick), windows up to 1024."""
+    if path == "per position":
+        return block_size <= (8 if quick else 64)
+    if path == "windows":  # beyond 1024, B - 1 nodes per output take minutes
+        return block_size <= 1024
+    return compiled or not path.startswith("compiled")
+
+
+def shape(path: str, block_size: int, device: torch.device, quick: bool) -> tuple[int, int]:
     """(rows, outputs per row) for one call: windows are rows of one output, sequences rows of T = 4·B."""
     if path == "per position":
-        return 32, 1
+        return (4 if quick else 32), 1
+    big = device.type == "cuda"  # enough outputs per call to fill a GPU: 2^20 windows' nodes, 2^18 sequence outputs
     if path == "windows":
-        return (16, 1) if QUICK else (max(128, 2**17 // block_size), 1)  # 512 windows at B 256, 128 at 1024
-    return (2, 4 * block_size) if QUICK else (max(2, 2**14 // (4 * block_size)), 4 * block_size)
+        return (16, 1) if quick else (max(128, (2**20 if big else 2**17) // block_size), 1)
+    return (2, 4 * block_size) if quick else (max(2, (2**18 if big else 2**14) // (4 * block_size)), 4 * block_size)
 
 
 def nodes_per_level(path: str, block_size: int, rows: int, t: int) -> list[int]:
@@ -75,128 +89,134 @@ def matmul_flops(path: str, block_size: int, rows: int, t: int) -> int:
     return tree + rows * t * 2 * N_HIDDEN * VOCAB
 
 
-def make_path(path: str, block_size: int, device):
-    """(model, call) for one path on ``device``: ``call()`` returns the logits of all its outputs, (rows·T, V)."""
+def autocast(device: torch.device, dtype: str):
+    """bfloat16: autocast, float32 master weights (as TrainConfig.dtype); float32: nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+
+def make_call(path: str, block_size: int, phase: str, dtype: str, device: torch.device, quick: bool):
+    """One unit of work of ``path``: ``fwd+bwd`` zeroes the gradients, runs forward, cross-entropy and
+    backward in training mode (the per-position loop in eval mode: one window alone has no batch
+    statistics); ``fwd`` runs the eval-mode forward without autograd."""
     torch.manual_seed(42)
     model = WaveNet(WaveNetConfig(VOCAB, block_size, N_EMBD, N_HIDDEN, **PATHS[path])).to(device)
-    rows, t = shape(path, block_size)
+    model.train(phase == "fwd+bwd" and path != "per position")
+    rows, t = shape(path, block_size, device, quick)
     generator = torch.Generator().manual_seed(0)
     S = torch.randint(0, VOCAB, (rows, block_size + t - 1), generator=generator).to(device)
+    Y = torch.randint(0, VOCAB, (rows * t,), generator=generator).to(device)
     if path.startswith("compiled"):
-        torch._dynamo.reset()  # a fresh compiler cache per block size: earlier compiles count toward its recompile limit
+        torch._dynamo.reset()  # a fresh compiler cache per cell: earlier compiles count toward its recompile limit
     run = torch.compile(model) if path.startswith("compiled") else model
     if path == "per position":
-        return model, lambda: torch.cat([model(S[i : i + 1])[0][:, 0] for i in range(rows)])
-    return model, lambda: run(S)[0].reshape(rows * t, -1)
+        logits_of = lambda: torch.cat([model(S[i : i + 1])[0][:, 0] for i in range(rows)])  # noqa: E731
+    else:
+        logits_of = lambda: run(S)[0].reshape(rows * t, -1)  # noqa: E731
 
+    if phase == "fwd":
 
-def skip_unless_measured(path: str, block_size: int) -> None:
-    if path == "per position" and block_size > PER_POSITION_UP_TO:
-        pytest.skip(f"the per-position loop is measured up to block {PER_POSITION_UP_TO}")
-    if path == "windows" and block_size > WINDOWS_UP_TO:
-        pytest.skip(f"batched windows are measured up to block {WINDOWS_UP_TO}")
-    if path.startswith("compiled") and QUICK:
-        pytest.skip("quick mode leaves torch.compile out (each block size compiles for tens of seconds)")
+        @torch.no_grad()
+        def call():
+            with autocast(device, dtype):
+                return logits_of()
 
+        return call
 
-def describe(benchmark, phase: str, path: str, block_size: int) -> None:
-    """The group and the fixed facts of an entry (set before it runs: pytest-benchmark records the group then)."""
-    benchmark.group = f"wavenet {phase}"
-    benchmark.extra_info.update(path=path, block_size=block_size, outputs=math.prod(shape(path, block_size)), baseline=path == "windows")
-
-
-def record(benchmark, phase: str, path: str, block_size: int, peak_gflops: float) -> None:
-    """positions/s, FLOP/s against the matmul peak, and the node-count ideal, beside the timing."""
-    rows, t = shape(path, block_size)
-    passes = 3 if phase == "fwd+bwd" else 1  # backward: two products per forward product
-    seconds = median_seconds(benchmark)
-    if seconds is None:  # --benchmark-disable: nothing was timed
-        return
-    rate = rows * t / seconds
-    gflops = passes * matmul_flops(path, block_size, rows, t) / seconds / 1e9
-    benchmark.extra_info.update(positions_per_s=round(rate), gflops=round(gflops, 2), pct_of_matmul_peak=round(100 * gflops / peak_gflops, 1))
-    if path == "windows":
-        _windows_rate[phase, block_size] = rate
-    elif path not in WINDOW_PATHS:
-        ideal = (block_size - 1) / math.log2(block_size)
-        benchmark.extra_info["node_ideal"] = round(ideal, 1)
-        if (phase, block_size) in _windows_rate:
-            speedup = rate / _windows_rate[phase, block_size]
-            benchmark.extra_info.update(speedup_vs_windows=round(speedup, 2), pct_of_node_ideal=round(100 * speedup / ideal))
-
-
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
-def test_train_forward_backward(benchmark, measure, device, matmul_peak, block_size, path):
-    """Training mode: zero the gradients, forward, cross-entropy, backward (the trainer's step
-    without the optimiser). The per-position loop runs in eval mode: one window alone has no batch
-    statistics (its top BatchNorm would see a single node)."""
-    skip_unless_measured(path, block_size)
-    model, logits_of = make_path(path, block_size, device)
-    model.train(path != "per position")
-    Y = torch.randint(0, VOCAB, (math.prod(shape(path, block_size)),), generator=torch.Generator().manual_seed(1)).to(device)
-
-    def step():
+    def call():
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(logits_of(), Y).backward()
+        with autocast(device, dtype):
+            loss = F.cross_entropy(logits_of().float(), Y)
+        loss.backward()
 
-    step()  # warm-up (and torch.compile's build) outside the timing
-    describe(benchmark, "fwd+bwd", path, block_size)
-    measure(benchmark, step)
-    record(benchmark, "fwd+bwd", path, block_size, matmul_peak)
-
-
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
-def test_eval_forward(benchmark, measure, device, matmul_peak, block_size, path):
-    """Eval mode forward without autograd, as evaluation runs."""
-    skip_unless_measured(path, block_size)
-    model, logits_of = make_path(path, block_size, device)
-    model.eval()
-    forward = torch.no_grad()(logits_of)
-    forward()
-    describe(benchmark, "fwd", path, block_size)
-    measure(benchmark, forward)
-    record(benchmark, "fwd", path, block_size, matmul_peak)
+    return call
 
 
-GEN_BLOCK_SIZES = [8, 16] if QUICK else [8, 64, 256, 1024]
-GEN_TOKENS = 4 if QUICK else 32
+def orders(device: torch.device, budget_s: float, peaks: dict, *, quick: bool = False, compiled: bool = False) -> list[dict]:
+    """Every (dtype, phase, block size) cell, its paths interleaved, within ``budget_s`` seconds."""
+    cells = [(dtype, phase, b) for dtype in DTYPES for phase in PHASES for b in block_sizes(quick)]
+    deadline, records = Deadline(budget_s), []
+    for i, (dtype, phase, block_size) in enumerate(cells):
+        group = f"wavenet {phase}, {dtype}"
+        paths = [p for p in PATHS if measured(p, block_size, quick, compiled and (dtype, phase) == ("float32", "fwd+bwd"))]
+        if deadline.left() <= 0 and not quick:  # quick: every cell once, whatever the budget
+            records += [skipped(group, f"{p} [{block_size}]", "out of time budget", path=p, block_size=block_size) for p in paths]
+            continue
+        fns = {p: make_call(p, block_size, phase, dtype, device, quick) for p in paths}
+        times = interleaved(fns, device, deadline.share(len(cells) - i), min_rounds=1 if quick else 3, max_rounds=2 if quick else 50)
+        del fns
+        windows_rate = None
+        for p in paths:
+            rows, t = shape(p, block_size, device, quick)
+            entry = record(group, f"{p} [{block_size}]", times[p], path=p, block_size=block_size, dtype=dtype, outputs=rows * t, baseline=p == "windows")
+            seconds = entry["stats"]["median"]
+            rate = rows * t / seconds
+            passes = 3 if phase == "fwd+bwd" else 1  # backward: two products per forward product
+            gflops = passes * matmul_flops(p, block_size, rows, t) / seconds / 1e9
+            peak = peaks[f"{dtype}_gflops"]
+            entry["extra_info"].update(positions_per_s=round(rate), gflops=round(gflops, 2), pct_of_matmul_peak=round(100 * gflops / peak, 1))
+            if p == "windows":
+                windows_rate = rate
+            elif p not in WINDOW_PATHS:
+                ideal = (block_size - 1) / math.log2(block_size)
+                entry["extra_info"]["node_ideal"] = round(ideal, 1)
+                if windows_rate is not None:
+                    speedup = rate / windows_rate
+                    entry["extra_info"].update(speedup_vs_windows=round(speedup, 2), pct_of_node_ideal=round(100 * speedup / ideal))
+            records.append(entry)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
 
 
-@pytest.mark.parametrize("mode", ["rerun", "cached"])
-@pytest.mark.parametrize("sequences", [1, 32])
-@pytest.mark.parametrize("block_size", GEN_BLOCK_SIZES)
-def test_generate(benchmark, device, block_size, sequences, mode):
-    """Tokens per second of generation after a full context: ``cached`` (one node per level per
-    token, rings of the last 2^i nodes) against ``rerun`` (the model re-run on the last B tokens
-    per token). The timed call samples GEN_TOKENS tokens; the prefill over the first window is
-    setup (its one-off time is in ``prefill_ms``)."""
-    torch.manual_seed(42)
-    model = WaveNet(WaveNetConfig(VOCAB, block_size, N_EMBD, N_HIDDEN)).to(device).eval()
-    context = torch.randint(0, VOCAB, (sequences, block_size), generator=torch.Generator().manual_seed(0)).to(device)
+def gen_block_sizes(device: torch.device, quick: bool) -> list[int]:
+    return [8, 16] if quick else [256, 1024] if device.type == "cuda" else [8, 64, 256, 1024]
+
+
+def generation(device: torch.device, budget_s: float, *, quick: bool = False) -> list[dict]:
+    """Tokens per second of generation after a full context, cached against re-run, each also
+    replayed from a CUDA graph on CUDA (where the model's step can be captured). The prefill is
+    setup; each timed call generates ``tokens`` more tokens from where the last call stopped."""
+    tokens = 4 if quick else 32
+    cells = [(b, n) for b in gen_block_sizes(device, quick) for n in (1, 32)]
+    deadline, records = Deadline(budget_s), []
+    for i, (block_size, sequences) in enumerate(cells):
+        group = f"wavenet generation, {sequences} sequence{'s' if sequences > 1 else ''}"
+        modes = [f"{m}{g}" for m in ("rerun", "cached") for g in (("", ", CUDA graph") if device.type == "cuda" else ("",))]
+        if deadline.left() <= 0 and not quick:  # quick: every cell once, whatever the budget
+            records += [skipped(group, f"{m} [{block_size}]", "out of time budget", path=m, block_size=block_size) for m in modes]
+            continue
+        torch.manual_seed(42)
+        model = WaveNet(WaveNetConfig(VOCAB, block_size, N_EMBD, N_HIDDEN)).to(device).eval()
+        context = torch.randint(0, VOCAB, (sequences, block_size), generator=torch.Generator().manual_seed(0)).to(device)
+        fns = {m: _generator(model, context, m.split(",")[0], tokens, device, graph=m.endswith("CUDA graph")) for m in modes}
+        times = interleaved(fns, device, deadline.share(len(cells) - i), min_rounds=1 if quick else 3, max_rounds=2 if quick else 30)
+        for mode, seconds in times.items():
+            entry = record(group, f"{mode} [{block_size}]", seconds, path=mode, block_size=block_size, sequences=sequences, baseline=mode == "rerun")
+            entry["extra_info"]["tokens_per_s"] = round(sequences * tokens / entry["stats"]["median"])
+            records.append(entry)
+    return records
+
+
+def _generator(model: LanguageModel, context: torch.Tensor, mode: str, tokens: int, device: torch.device, graph: bool):
+    """A call that samples ``tokens`` more tokens per sequence, continuing its own cache, as
+    ``LanguageModel.generate`` does (``next_token``; ``graph``: replayed from a CUDA graph, captured
+    at the first call, which the warm-up makes)."""
     if mode == "cached":
         prefill, step = model.prefill, model.step
     else:  # the default cache of every LanguageModel: the last B tokens, re-run through forward
         prefill, step = partial(LanguageModel.prefill, model), partial(LanguageModel.step, model)
     generator = torch.Generator(device).manual_seed(0)
+    sample = partial(sample_next, generator=generator)
+    with torch.no_grad():
+        logits, cache = prefill(context)
+        token = sample(logits)  # (N,): a static buffer, rewritten in place by every token
+    advance = partial(next_token, step, token, cache, sample)
+    if graph:
+        advance = CUDAGraphed(advance, generator)
 
     @torch.no_grad()
-    def setup():
-        return prefill(context), {}
+    def call():
+        for _ in range(tokens):  # nothing read back to the host
+            advance()
 
-    @torch.no_grad()
-    def generate(logits, cache):
-        for _ in range(GEN_TOKENS):  # sampling stays on the device: no per-token host read
-            token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
-            logits, cache = step(token, cache)
-        return logits
-
-    benchmark.group = f"wavenet generation, {sequences} sequence{'s' if sequences > 1 else ''}"
-    benchmark.extra_info.update(path=mode, block_size=block_size, sequences=sequences, baseline=mode == "rerun")
-    benchmark.pedantic(synchronized(generate, device), setup=setup, rounds=1 if QUICK else 5, iterations=1, warmup_rounds=0 if QUICK else 1)
-    seconds = median_seconds(benchmark)
-    if seconds is not None:
-        start = time.perf_counter()
-        synchronized(setup, device)()
-        benchmark.extra_info.update(tokens_per_s=round(sequences * GEN_TOKENS / seconds), prefill_ms=round(1e3 * (time.perf_counter() - start), 2))
+    return call

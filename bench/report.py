@@ -11,6 +11,10 @@ Two kinds of group:
   speed-up against the axis, both on log scales.
 - the rest: one table per group (median, spread, speed-up over the baseline entry, every
   ``extra_info`` field) and one horizontal bar panel per group in ``other.png``.
+
+Sweep groups of one family (the group's first word; every generation group together) share one
+PNG, a row of panels per group, so a run writes at most MAX_PNGS plots. Entries that were not
+measured (``stats`` null: out of the time budget, or not available) are listed with the reason.
 """
 
 from __future__ import annotations
@@ -30,15 +34,22 @@ RATES = ("positions_per_s", "tokens_per_s", "logits_per_s")  # the first one an 
 SHARES = {"pct_of_matmul_peak": "% peak", "pct_of_node_ideal": "% ideal", "pct_of_copy_bandwidth": "% copy GB/s"}
 AXES = {"block_size": "block size", "v": "V (classes)", "case": "case"}  # what a sweep's entries vary, in extra_info
 HIDDEN_EXTRA = {"baseline"}  # shown through the speedup column instead
+MAX_PNGS = 5  # with results.json and results.md: at most 7 files, within a GPU lease's 8
 
 
-def load(path: Path) -> tuple[dict[str, list[dict]], dict]:
-    """Benchmarks by group, in the order the suites ran them, and the machine they ran on."""
+def load(path: Path) -> tuple[dict[str, list[dict]], dict, list[dict]]:
+    """Measured benchmarks by group, in the order the suites ran them, the machine, and the entries not measured."""
     data = json.loads(path.read_text())
     groups: dict[str, list[dict]] = {}
     for bench in data["benchmarks"]:
-        groups.setdefault(bench["group"] or bench["fullname"], []).append(bench)
-    return groups, data.get("machine_info", {})
+        if bench.get("stats"):
+            groups.setdefault(bench["group"] or bench["fullname"], []).append(bench)
+    return groups, data.get("machine_info", {}), [b for b in data["benchmarks"] if not b.get("stats")]
+
+
+def family(name: str) -> str:
+    """The PNG a sweep group is drawn in: generation groups together, else by the group's first word."""
+    return "generation" if "generation" in name else slug(name.split()[0])
 
 
 def axis(group: list[dict]) -> str | None:
@@ -83,7 +94,7 @@ def sweep_table(name: str, group: list[dict]) -> list[str]:
         "",
         f"## {name}",
         "",
-        f"Each cell: {unit}" + (f", speed-up over `{base}` at the same {AXES[x]}" if base else "") + ", and the recorded shares.",
+        f"Each cell: {unit} (± the interquartile range over the median)" + (f", speed-up over `{base}` at the same {AXES[x]}" if base else "") + ", and the recorded shares.",
         "",
         f"| {AXES[x]} | " + " | ".join(paths) + " |",
         "|---|" + "---|" * len(paths),
@@ -95,7 +106,7 @@ def sweep_table(name: str, group: list[dict]) -> list[str]:
             if bench is None:
                 row.append("–")
                 continue
-            parts = [si(rate(bench)[0])]
+            parts = [si(rate(bench)[0]) + (f" ±{bench['extra_info']['spread_pct']:g}%" if "spread_pct" in bench["extra_info"] else "")]
             if base and path != base and (base, size) in cell:
                 parts.append(f"{rate(bench)[0] / rate(cell[base, size])[0]:.2f}×")
             parts += [f"{bench['extra_info'][k]:g}{label}" for k, label in SHARES.items() if k in bench["extra_info"]]
@@ -104,14 +115,22 @@ def sweep_table(name: str, group: list[dict]) -> list[str]:
     return lines
 
 
-def sweep_plot(name: str, group: list[dict], path: Path) -> None:
-    """Time per unit of work and speed-up over the baseline against the sweep's axis, log-log."""
+def sweep_plot(named: list[tuple[str, list[dict]]], path: Path) -> None:
+    """One row per group: time per unit of work and speed-up over the baseline against the sweep's axis, log-log."""
+    fig, rows = plt.subplots(len(named), 2, figsize=(11, 4.2 * len(named)), squeeze=False)
+    for (name, group), (time_ax, speed_ax) in zip(named, rows):
+        _sweep_panels(name, group, time_ax, speed_ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _sweep_panels(name: str, group: list[dict], time_ax, speed_ax) -> None:
     x = axis(group)
     paths = list(dict.fromkeys(b["extra_info"]["path"] for b in group))
     base = next((b["extra_info"]["path"] for b in group if b["extra_info"].get("baseline")), None)
     unit = rate(group[0])[1].removesuffix("/s")
     base_rate = {b["extra_info"][x]: rate(b)[0] for b in group if b["extra_info"]["path"] == base}
-    fig, (time_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, p in enumerate(paths):
         color = f"C{i}"  # one colour per path in both panels
         entries = sorted((b for b in group if b["extra_info"]["path"] == p), key=lambda b: b["extra_info"][x])
@@ -134,9 +153,6 @@ def sweep_plot(name: str, group: list[dict], path: Path) -> None:
     time_ax.set_title(f"{name}: time per {unit.rstrip('s')}", fontsize=10)
     speed_ax.set_ylabel(f"speed-up over {base}")
     speed_ax.set_title(f"{name}: speed-up over {base}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def label(bench: dict, group: list[dict]) -> str:
@@ -200,9 +216,9 @@ def bar_plot(groups: dict[str, list[dict]], path: Path) -> None:
 
 
 def write(results: Path, out: Path, note: str = "") -> list[Path]:
-    """results.md and the PNGs for ``results`` in ``out``; returns the files written."""
+    """results.md and the PNGs (at most MAX_PNGS) for ``results`` in ``out``; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    groups, machine = load(results)
+    groups, machine, not_measured = load(results)
     cpu = machine.get("cpu", {})
     lines = [
         "# Benchmark results",
@@ -210,22 +226,27 @@ def write(results: Path, out: Path, note: str = "") -> list[Path]:
         f"Machine: {cpu.get('brand_raw', machine.get('processor', '?'))}, {cpu.get('count', '?')} cores, "
         f"Python {machine.get('python_version', '?')}. {note}".rstrip(),
     ]
-    written, others = [out / "results.md"], {}
+    written, others, families = [out / "results.md"], {}, {}
     for name, group in groups.items():
         if axis(group):
             lines += sweep_table(name, group)
             if numeric(group):
-                png = out / f"{slug(name)}.png"
-                sweep_plot(name, group, png)
-                lines += ["", f"![{name}]({png.name})"]
-                written.append(png)
+                families.setdefault(family(name), []).append((name, group))
         else:
             others[name] = group
             lines += plain_table(name, group)
+    plots = list(families.items())[: MAX_PNGS - (1 if others else 0)]
+    for fam, named in plots:
+        png = out / f"{fam}.png"
+        sweep_plot(named, png)
+        lines += ["", f"![{fam}]({png.name})"]
+        written.append(png)
     if others:
         bar_plot(others, out / "other.png")
         lines += ["", "![other groups](other.png)"]
         written.append(out / "other.png")
+    if not_measured:
+        lines += ["", "## Not measured", ""] + [f"- {b['fullname']}: {b['extra_info'].get('skipped', '?')}" for b in not_measured]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return written
 

@@ -1,5 +1,5 @@
-"""Fused kernels for makemore; see makemore.kernels.cross_entropy."""
+"""Fused kernels for makemore: ``cross_entropy`` (kernels/loss.py; kernels/README.md has the layout)."""
 
-from .cross_entropy import cross_entropy
+from .loss import cross_entropy
 
 __all__ = ["cross_entropy"]

@@ -8,7 +8,9 @@ stderr (what, where, how to fix) and exit code 2, never a traceback.
 import argparse
 import json
 import math
+import os
 import re
+import shlex
 import sys
 import tempfile
 from dataclasses import MISSING, fields
@@ -19,11 +21,12 @@ import torch
 from . import checkpoint
 from .checkpoint import CheckpointError
 from .data import DataError, Vocab, load_source
-from .models import build_model
+from .models import MODELS, build_model
 from .sample import sample_items, sample_text
 from .train import CHECKPOINT, RECIPES, TrainConfig, distributed, evaluate, make_configs, train
 from .train.config import check_new_run, flag, model_fields
 from .train.loop import LostPeerError
+from .train.signals import Interrupted, Stopped
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -32,13 +35,24 @@ EXIT_INTERRUPTED = 130
 MAX_SAMPLES = 100_000
 MAX_LENGTH = 1_000_000
 # What a resumed run may change: how long it goes on and how it reports, never what it trains.
-RESUMABLE = ("max_steps", "max_seconds", "device", "dtype", "compile", "eval_interval", "eval_iters", "eval_max_tokens", "log_interval", "checkpoint_interval")
+RESUMABLE = (
+    "max_steps", "max_seconds", "device", "dtype", "compile", "compile_mode", "dist_timeout", "eval_interval", "eval_iters",
+    "eval_max_tokens", "log_interval", "checkpoint_interval", "checkpoint_seconds",
+)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
+    except Stopped as e:  # after its checkpoint: say how to go on
+        if distributed.is_main_process():
+            print(f"makemore train: {e}; checkpoint {args.out_dir / CHECKPOINT} written; continue with: {_resume_command(args.out_dir)}", file=sys.stderr)
+        return 128 + e.signum
+    except Interrupted as e:
+        if distributed.is_main_process():
+            print(f"makemore train: {e}; {args.out_dir / CHECKPOINT} keeps the last checkpoint written, if any: continue with: {_resume_command(args.out_dir)}", file=sys.stderr)
+        return 128 + e.signum
     except (DataError, CheckpointError, ValueError, TypeError, FloatingPointError, LostPeerError) as e:
         print(f"makemore {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -55,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"makemore {args.command}: interrupted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _resume_command(out: Path) -> str:
+    """The command that continues this run: the same launcher, ``--out`` and ``--resume`` (the checkpoint holds the settings)."""
+    tail = f"makemore train --out {shlex.quote(str(out))} --resume"
+    if not distributed.launched():
+        return tail
+    nodes, per_node = int(os.environ.get("GROUP_WORLD_SIZE", 1)), os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size())
+    if nodes == 1:
+        return f"torchrun --standalone --nproc-per-node {per_node} -m {tail}"
+    return f"on each of the {nodes} nodes, your torchrun command with -m {tail}"
 
 
 def _one_line(e: BaseException) -> str:
@@ -94,13 +119,19 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train a model; prints its losses and a few samples")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="lecture", help="named settings to start from; flags override them (default: lecture)")
     p.add_argument("--out", type=Path, help="directory for the checkpoint, metrics.jsonl and loss.png (default: runs/RECIPE)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where its checkpoint stopped")
+    p.add_argument(
+        "--resume", nargs="?", const=True, metavar="auto",
+        help="continue the run in --out exactly where its checkpoint stopped; --resume auto: if it has one, else start it (for torchrun --max-restarts)",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="start over even if --out already holds a checkpoint")
     p.add_argument("--samples", type=int, default=20, help="names to print after training (text: 500 characters; 0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    settings = p.add_argument_group("settings (default: the recipe's, else the value shown)")
-    for f in [*fields(TrainConfig), *model_fields().values()]:
-        _add_flag(settings, f)
+    settings = p.add_argument_group("training settings [default; the recipes that set another]")
+    for f in fields(TrainConfig):
+        _add_flag(settings, f, _defaults_text(f))
+    settings = p.add_argument_group("model settings (the models that take each, with their defaults) [the recipes that set another]")
+    for f in model_fields().values():
+        _add_flag(settings, f, _model_defaults_text(f.name))
     p.set_defaults(run=_train)
 
     p = commands.add_parser("sample", help="sample from a trained model")
@@ -111,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int)
     p.add_argument("--unique", action="store_true", help="skip samples that occur in the training split")
     p.add_argument("--length", type=int, default=500, help="characters to generate (text data)")
-    p.add_argument("--prompt", default="", help="text to continue (text data)")
+    p.add_argument("--prompt", default="", help="text data: the text to continue; line data: the start of every item")
     p.set_defaults(run=_sample)
 
     p = commands.add_parser("eval", help="loss of a trained model on each split")
@@ -123,9 +154,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_flag(group, f) -> None:
-    default = f.default if f.default is not MISSING else None
-    kwargs = dict(dest=f.name, default=None, help=f"{f.metadata['help']} [{default}]")
+def _recipes_setting(name: str) -> str:
+    return ", ".join(f"{recipe}: {settings[name]}" for recipe, settings in RECIPES.items() if name in settings)
+
+
+def _defaults_text(f) -> str:
+    recipes = _recipes_setting(f.name)
+    return f"{f.default}" + (f"; {recipes}" if recipes else "")
+
+
+def _model_defaults_text(name: str) -> str:
+    takers = []
+    for model, (_, config_cls) in MODELS.items():
+        for g in fields(config_cls):
+            if g.name == name:
+                takers.append(f"{model} {g.default if g.default is not MISSING else '(required)'}")
+    recipes = _recipes_setting(name)
+    return f"models: {', '.join(takers)}" + (f"] [{recipes}" if recipes else "")
+
+
+def _add_flag(group, f, defaults: str) -> None:
+    kwargs = dict(dest=f.name, default=None, help=f"{f.metadata['help'].replace('%', '%%')} [{defaults.replace('%', '%%')}]")
     if f.type is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     else:
@@ -143,14 +192,21 @@ def _given_settings(args) -> dict:
 
 
 def _train(args) -> int:
-    out = args.out or Path("runs") / args.recipe
+    out = args.out_dir = args.out or Path("runs") / args.recipe
     given = _given_settings(args)
+    if args.resume not in (None, True, "auto"):
+        raise ValueError(f"--resume takes no value or auto, got {args.resume!r}")
+    if args.resume == "auto":  # the same command starts the run and, after a restart, continues it
+        args.resume = (out / CHECKPOINT).exists() or None
     if args.resume:
         state = checkpoint.load(out / CHECKPOINT)
+        stored = {**state["config"], **state["model_config"]}
         # A lower --lr continues a run that diverged from its last good checkpoint (training stops
         # before saving a diverged state, and the same rate would diverge again at the same step).
         lowered = "lr" in given and given["lr"] <= state["config"]["lr"]
-        changed = sorted(flag(name) for name in given if name not in RESUMABLE and not (name == "lr" and lowered))
+        changed = sorted(
+            flag(name) for name, value in given.items() if name not in RESUMABLE and not (name == "lr" and lowered) and value != stored.get(name)
+        )
         if changed:
             raise ValueError(f"{', '.join(changed)} cannot change when resuming; only {', '.join(flag(n) for n in RESUMABLE)} can, and --lr be lowered")
         settings = {**state["config"], **{k: v for k, v in state["model_config"].items() if k != "vocab_size"}, **given}
@@ -165,7 +221,7 @@ def _train(args) -> int:
         check_new_run(config, model_config)
     _check_device(config.device)
     _check_out_dir(out)
-    result = train(config, model_config, out, resume=args.resume, progress=not args.quiet)
+    result = train(config, model_config, out, resume=bool(args.resume), progress=not args.quiet)
     if not distributed.is_main_process():
         return 0  # under torchrun, rank 0 prints the losses and the samples
     print(" ".join(f"{split} {loss:.4f}" for split, loss in result.items()))
@@ -249,7 +305,7 @@ def _samples(model, state, n, *, seed, temperature=1.0, top_k=None, unique=False
     if state["kind"] == "stream":
         return [sample_text(model, vocab, length, prompt, temperature=temperature, top_k=top_k, generator=generator)]
     exclude = _training_items(state) if unique else frozenset()
-    return sample_items(model, vocab, n, state["max_len"], temperature=temperature, top_k=top_k, generator=generator, exclude=exclude)
+    return sample_items(model, vocab, n, state["max_len"], temperature=temperature, top_k=top_k, generator=generator, exclude=exclude, prompt=prompt)
 
 
 def _training_items(state):

@@ -96,7 +96,7 @@ def batch_norm_tanh(x: torch.Tensor, bn: BatchNorm1d, mask: torch.Tensor | None 
         return torch.tanh(bn(x))
     shape = x.shape
     rows = _at_least_float32(x).reshape(-1, shape[-1])
-    weights = None if mask is None else mask.reshape(-1, 1).to(x.dtype)
+    weights = None if mask is None else mask.reshape(-1, 1).to(rows.dtype)  # float32 at least: a bfloat16 count is off by units from 256 on
     return _BatchNormTanh.apply(rows, weights, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps).view(shape)
 
 
@@ -108,39 +108,44 @@ class _BatchNormTanh(torch.autograd.Function):
         dgamma = sum(dz * xhat), dbeta = sum(dz),
         dx = gamma * rstd * (dz - w * (dbeta / n + xhat * dgamma / (n - 1))).
     tanh is computed as 2 * sigmoid(2z) - 1: PyTorch's CPU tanh is several times slower than its
-    sigmoid, and the two agree to float32 rounding.
+    sigmoid, and the two agree to float32 rounding. x and the weights are float32 (or float64) and
+    autocast is off inside, so the weighted sums (GEMVs) and the count stay in x's dtype. Without
+    weights n is the Python int M: no tensor made from a host value (a copy and a sync on CUDA).
     """
 
     @staticmethod
     def forward(ctx, x, weights, gamma, beta, running_mean, running_var, momentum, eps):
-        if weights is None:
-            n = x.new_tensor(x.shape[0])
-            mean = x.mean(0)
-            xc = x - mean  # (M, C)
-            var = xc.square().sum(0) / (n - 1).clamp_min(1)
-        else:
-            n = weights.sum()
-            mean = (weights.T @ x).squeeze(0) / n
-            xc = x - mean
-            var = (weights.T @ xc.square()).squeeze(0) / (n - 1).clamp_min(1)
-        rstd = (var + eps).rsqrt()
-        xhat = xc.mul_(rstd)
-        out = torch.addcmul((2 * beta)[None], xhat, (2 * gamma)[None]).sigmoid_().mul_(2).sub_(1)  # 2-D operands: a faster kernel than 1-D broadcasting
-        with torch.no_grad():  # the lecture's running averages
-            running_mean.copy_((1 - momentum) * running_mean + momentum * mean)
-            running_var.copy_((1 - momentum) * running_var + momentum * var)
-        ctx.save_for_backward(xhat, out, weights, gamma, rstd, n)
+        with torch.autocast(x.device.type, enabled=False):
+            if weights is None:
+                n = x.shape[0]
+                mean = x.mean(0)
+                xc = x - mean  # (M, C)
+                var = xc.square().sum(0) / max(n - 1, 1)
+            else:
+                n = weights.sum()
+                mean = (weights.T @ x).squeeze(0) / n
+                xc = x - mean
+                var = (weights.T @ xc.square()).squeeze(0) / (n - 1).clamp_min(1)
+            rstd = (var + eps).rsqrt()
+            xhat = xc.mul_(rstd)
+            out = torch.addcmul((2 * beta)[None], xhat, (2 * gamma)[None]).sigmoid_().mul_(2).sub_(1)  # 2-D operands: a faster kernel than 1-D broadcasting
+            with torch.no_grad():  # the lecture's running averages
+                running_mean.copy_((1 - momentum) * running_mean + momentum * mean)
+                running_var.copy_((1 - momentum) * running_var + momentum * var)
+        ctx.rows = n if weights is None else None
+        ctx.save_for_backward(xhat, out, weights, gamma, rstd, None if weights is None else n)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         xhat, out, weights, gamma, rstd, n = ctx.saved_tensors
+        n = ctx.rows if weights is None else n
         dz = torch.ops.aten.tanh_backward(dout, out)
         dbeta = dz.sum(0)
         dgamma = (dz * xhat).sum(0)
         scale = (gamma * rstd)[None]
         if weights is None:
-            dx = torch.addcmul(dz, xhat, (-dgamma / (n - 1).clamp_min(1))[None])
+            dx = torch.addcmul(dz, xhat, (-dgamma / max(n - 1, 1))[None])
             dx = torch.addcmul(-(dbeta / n) * scale, dx, scale)
         else:
             stats = torch.addcmul((dbeta / n)[None], xhat, (dgamma / (n - 1).clamp_min(1))[None]).mul_(weights)

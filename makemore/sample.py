@@ -19,23 +19,29 @@ def sample_items(
     exclude: Container[str] = frozenset(),
     max_rounds: int = 50,
     device="cpu",
+    prompt: str = "",
 ) -> list[str]:
     """``n`` items (e.g. names), each generated from an empty context until it emits the boundary '.'
     (or reaches ``max_len`` characters, the longest training item).
 
     Items in ``exclude`` (e.g. the training split's ``item_set``) are skipped; batches are drawn
-    until ``n`` new ones are found or ``max_rounds`` batches have been drawn.
+    until ``n`` new ones are found or ``max_rounds`` batches have been drawn. With ``prompt``, every
+    item starts with it (the model continues it after the boundary, as the item's first characters).
     """
+    start = vocab.encode(prompt, where="--prompt").to(device, torch.int64)
+    if (start == 0).any():
+        raise ValueError(f"--prompt {prompt!r} holds {vocab.decode([0])!r}, the boundary between items: give the start of one item")
     found: list[str] = []
     for _ in range(max_rounds):
-        empty = torch.zeros(n, 0, dtype=torch.int64, device=device)
-        rows = model.generate(empty, max_len + 1, temperature=temperature, top_k=top_k, generator=generator).cpu()
+        context = start.expand(n, -1)
+        rows = model.generate(context, max(max_len + 1 - len(prompt), 1), temperature=temperature, top_k=top_k, generator=generator)
+        rows = rows[:, len(prompt) :].cpu()
         # Each row up to its first boundary, found on the tensor: a row is as long as the longest
         # training item, and a list of Python ints per row would cost 28 bytes per token.
         ended = rows == 0
         ends = torch.where(ended.any(1), ended.int().argmax(1), rows.shape[1]).tolist()
         for row, end in zip(rows, ends, strict=True):
-            item = vocab.decode(row[:end])
+            item = prompt + vocab.decode(row[:end])
             if item and item not in exclude:
                 found.append(item)
         if len(found) >= n:  # else draw again: empty items (an immediate boundary) and excluded ones are replaced

@@ -1,13 +1,24 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from makemore import data
 
 sys.path.insert(0, str(Path(__file__).parent))  # for lecture_reference
+
+# Hypothesis: "ci" (the default) draws the same examples on every run, so CI fails only for a change
+# in the code; "long" (HYPOTHESIS_PROFILE=long) draws new random examples each run, ten times as many.
+# Neither has a deadline: an example's wall-clock time is no test of the code (and a busy machine fails it).
+settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None)
+settings.register_profile("long", derandomize=False, deadline=None)
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(HYPOTHESIS_PROFILE)
+LONG_FACTOR = 10
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +72,10 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_collection_modifyitems(config, items):
+    if HYPOTHESIS_PROFILE == "long":  # a test's own settings outrank the profile's: scale and unfix them here
+        for fn in {item.obj for item in items if getattr(getattr(item, "obj", None), "is_hypothesis_test", False)}:
+            own = fn._hypothesis_internal_use_settings
+            fn._hypothesis_internal_use_settings = settings(own, max_examples=own.max_examples * LONG_FACTOR, derandomize=False)
     only = config.getoption("--device")
     kept, dropped = [], []
     for item in items:

@@ -149,7 +149,7 @@ def test_force_starts_a_fresh_log(tmp_path):
     assert main(argv) == 0
     assert main([*argv, "--force"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [5, 10, 10] and "final" in records[-1]
+    assert [r["step"] for r in records] == [0, 5, 10, 10] and "run" in records[0] and "final" in records[-1]
 
 
 def test_compile_falls_back_to_eager_with_one_message(tmp_path, capsys, monkeypatch):
@@ -163,3 +163,34 @@ def test_compile_falls_back_to_eager_with_one_message(tmp_path, capsys, monkeypa
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "makemore: --compile failed (no compiler here); training without compilation" in err
+
+
+def test_help_shows_each_flags_default_per_model_and_recipe():
+    from makemore.cli import _parser
+
+    helps = " ".join(_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert "[models: mlp 3, wavenet 8" in helps  # --block-size: the lecture's WaveNet has 8, the MLP 3
+    assert "[models: mlp 10, wavenet 24, gated 64" in helps  # --n-embd
+    assert "[models: wavenet False]" in helps  # --fused: the WaveNet's alone
+    assert "[0.1; fast: 0.02," in helps  # --lr: TrainConfig's default, then the recipes that set another
+    assert "[auto; lecture: float32" in helps  # --dtype
+
+
+def test_sample_with_a_prompt_on_line_data_starts_every_name_with_it(trained, capsys):
+    assert main(["sample", "--out", str(trained), "-n", "30", "--prompt", "al"]) == 0
+    samples = capsys.readouterr().out.splitlines()
+    assert len(samples) == 30 and all(s.startswith("al") for s in samples) and any(len(s) > 2 for s in samples)
+    assert "the boundary between items" in bad(capsys, "sample", "--out", str(trained), "--prompt", "a.b")
+    assert "--prompt" in bad(capsys, "sample", "--out", str(trained), "--prompt", "Z")  # a character the model never saw
+
+
+def test_resume_auto_starts_a_run_then_continues_it(tmp_path, capsys):
+    """The same command twice, as torchrun's restarts run it: fresh the first time, resumed the second."""
+    out = tmp_path / "auto"
+    argv = ["train", "--recipe", "fast", "--batch-size", "64", "--max-seconds", "0", "--max-steps", "10", "--out", str(out)]
+    argv += ["--quiet", "--samples", "0", "--log-interval", "5", "--eval-max-tokens", "2000", "--resume", "auto"]
+    assert main(argv) == 0
+    assert main([*argv[:argv.index("10")], "20", *argv[argv.index("10") + 1 :]]) == 0  # the same settings: allowed on resume
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20] and [r["step"] for r in records if "run" in r] == [0, 10]
+    assert "--resume takes no value or auto" in bad(capsys, "train", "--out", str(out), "--resume", "always")

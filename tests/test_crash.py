@@ -33,7 +33,7 @@ from makemore.train.lock import LOCK
 INTERVAL = 20  # steps between checkpoints, and between log lines
 # A tiny WaveNet at a constant learning rate (decay_at 1.0): the schedule then does not depend on
 # --max-steps, so a run started towards 10**6 steps and killed can be continued to any step.
-TINY = ["--data", "names", "--n-embd", 8, "--n-hidden", 16, "--batch-size", 32, "--decay-at", 1.0, "--log-interval", INTERVAL, "--checkpoint-interval", INTERVAL]  # fmt: skip
+TINY = ["--data", "names", "--n-embd", 8, "--n-hidden", 16, "--batch-size", 32, "--decay-at", 1.0, "--log-interval", INTERVAL, "--checkpoint-interval", INTERVAL, "--dtype", "float32"]  # fmt: skip
 REPORTING = ["--eval-max-tokens", 1000, "--quiet", "--samples", 0]  # what a resumed run is given again
 STEPS = 160  # where the resumed runs and the uninterrupted reference stop
 TIMEOUT = 300  # seconds: a hang guard only; the machine may be shared and paused
@@ -328,3 +328,51 @@ def test_the_check_before_each_checkpoint_changes_nothing(tmp_path, settings):
     assert torch.equal(a["losses"], b["losses"]) and torch.equal(a["generator"], b["generator"])
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def _race_for_the_lock(out, barrier, wins, done) -> None:
+    """One contender: wait for the other, take the lock, report, hold it until both have tried.
+
+    Reading the lock is slowed (as on a slow network filesystem), so that both contenders see the stale
+    lock before either replaces it: the window in which a check-then-replace takeover lets both win.
+    """
+    from makemore.train import lock
+
+    read = lock._read
+
+    def slow_read(path):
+        text = read(path)
+        time.sleep(0.02)
+        return text
+
+    lock._read = slow_read  # (in this forked child only)
+    barrier.wait()
+    try:
+        lock.acquire(out)
+        wins.put(os.getpid())
+    except lock.InUseError:
+        pass
+    done.wait()  # the winner holds the lock (stays alive) until both have tried
+
+
+def test_processes_racing_for_one_stale_lock_leave_exactly_one_winner(tmp_path, dead_pid):
+    """20 times: a stale lock (its pid dead), two processes released at once to take it over; exactly one wins.
+    (Without the directory's flock, the check-then-replace takeover let both win at the first attempt.)"""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for attempt in range(20):
+        out = tmp_path / f"race{attempt}"
+        out.mkdir()
+        (out / LOCK).write_text(f"{dead_pid} {socket.gethostname()}\n")
+        barrier, done, wins = context.Barrier(2), context.Barrier(3), context.Queue()
+        racers = [context.Process(target=_race_for_the_lock, args=(out, barrier, wins, done)) for _ in range(2)]
+        for racer in racers:
+            racer.start()
+        done.wait(timeout=TIMEOUT)
+        for racer in racers:
+            racer.join(timeout=TIMEOUT)
+        winners = []
+        while not wins.empty():
+            winners.append(wins.get())
+        assert len(winners) == 1, f"attempt {attempt}: {len(winners)} processes hold the lock"

@@ -32,7 +32,7 @@ if not (dist.is_available() and dist.is_gloo_available()):
 
 # A tiny normalisation-free model: DDP's averaged gradient is then the gradient of the global batch.
 # Windows layout: one target per row, so the mean loss over the global batch is the mean of the ranks' means.
-TINY = dict(model="gated", n_embd=8, n_skip=8, n_levels=2, stacks=1, batch_size=16, optimizer="adamw", lr=1e-2, decay_at=1.0)
+TINY = dict(model="gated", n_embd=8, n_skip=8, n_levels=2, stacks=1, batch_size=16, optimizer="adamw", lr=1e-2, decay_at=1.0, dtype="float32")
 REPORTING = ["--quiet", "--samples", "0", "--log-interval", "1", "--eval-max-tokens", "1000"]
 STEPS = 4
 

@@ -1,36 +1,40 @@
-"""Every way of computing the WaveNet gives the same outputs.
+"""Every way of computing the lecture's WaveNet is the tree its equations define.
 
-One model, one parameter set, several evaluation orders: (a) the lecture's per-position loop, one
-window at a time; (b) batched windows through FlattenConsecutive ("windows"), on window batches
-and on sequences; (c) whole sequences via F.conv1d ("conv1d"); (d) whole sequences via
-shifted-view matmuls ("conv"); (e) cached incremental steps. In eval mode all of them give the same
-logits, loss and gradients for every parameter, at random and at trained weights. In training
-mode a window batch takes the same code in every order (bit-identical), the convolution's
-BatchNorm statistics cover exactly the nodes that feed a valid output (brute force), and the fused
-BatchNorm + tanh matches the lecture's composition.
+The reference is makemore.reference.tree: the equations written again node by node in float64,
+sharing no code with the model, gradients by autograd. Against it, in float32 and float64, at
+block sizes 2 to 1024, with right-padded targets: (a) the lecture's per-position loop (a Python
+loop sliding the context, the model's layers in the notebook's Sequential order), (b) batched
+windows, as a batch of single windows and over sequences, (c) conv1d, (d) conv and (e) cached
+prefill/step give the reference's logits, loss and every parameter's gradient in eval mode; in
+training mode (b), (c) and (d) do too, with BatchNorm's statistics over exactly the valid nodes of
+each order's population, and leave the reference's running buffers. A hypothesis search covers
+block sizes, lengths, padding and the fused BatchNorm. Beside it: a level's two taps, padding that
+changes nothing, and the fused BatchNorm + tanh against the lecture's composition.
 """
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from makemore.check import TOLERANCES, compare, prepare, table
 from makemore.data import IGNORE_INDEX
 from makemore.models import WaveNet, WaveNetConfig
 from makemore.nn import BatchNorm1d, batch_norm_tanh
-from orders import assert_paths_agree, cached_logits, in_order
+from orders import assert_orders_match_reference
 
-
-
-# (block_size, n_embd, n_hidden, sequences, outputs per sequence). T >= block_size computes every
-# level as a convolution; T < block_size leaves the upper levels to the per-window tree.
+# (block_size, n_embd, n_hidden, sequences, outputs per sequence, fused BatchNorm). T >= block_size
+# computes every level as a convolution; T < block_size leaves the upper levels to the per-window
+# tree, whose training statistics count a node once per window.
 CASES = [
-    (2, 24, 128, 3, 5),
-    (4, 24, 128, 3, 3),
-    (8, 24, 128, 3, 12),
-    (16, 24, 64, 2, 20),
-    (64, 16, 32, 2, 24),
-    (256, 8, 16, 2, 8),
+    (2, 6, 10, 3, 5, False),
+    (4, 6, 10, 3, 3, False),
+    (8, 6, 12, 3, 12, False),
+    (8, 6, 12, 3, 6, True),
+    (16, 5, 8, 2, 20, False),
+    (64, 4, 6, 2, 24, False),
+    (256, 3, 4, 2, 6, False),
+    (1024, 3, 4, 1, 3, False),
 ]
 
 
@@ -49,67 +53,35 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def trained_model(config: WaveNetConfig, steps: int, seed: int = 0) -> WaveNet:
-    """A WaveNet after ``steps`` SGD steps on windows in training mode (so BatchNorm's running statistics move)."""
-    torch.manual_seed(seed)
-    model = WaveNet(config)
-    for _ in range(steps):
-        X = torch.randint(0, config.vocab_size, (32, config.block_size))
-        Y = (X[:, -1] + X[:, 0]) % config.vocab_size  # something learnable
-        _, loss = model(X, Y[:, None])
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                p += -0.1 * p.grad
-    return model.eval()
-
-
-def windows(S: torch.Tensor, block_size: int) -> torch.Tensor:
-    return S.unfold(1, block_size, 1).reshape(-1, block_size)  # (N·T, B), row n·T + j = S[n, j : j + B]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("steps", [0, 5], ids=["random", "trained"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"block{c[0]}")
-def test_every_order_gives_the_same_logits_loss_and_gradients(case, steps, dtype, device):
-    B, n_embd, n_hidden, N, T = case
-    h = trained_model(WaveNetConfig(27, B, n_embd, n_hidden), steps).to(device, dtype)
-    S = torch.randint(0, 27, (N, B + T - 1), generator=torch.Generator().manual_seed(1)).to(device)
-    Y = torch.randint(0, 27, (N, T), generator=torch.Generator().manual_seed(2)).to(device)
-    X = windows(S, B)
-    with torch.no_grad():  # unit-scale logits, so that the absolute bounds mean what they say
-        h.lm_head.weight /= h(X)[0].std()
-    if steps:
-        assert not any(torch.equal(b.bn.running_var, torch.ones_like(b.bn.running_var)) for b in h.blocks)
-
-    paths = {
-        "a: per position": in_order(h, "windows", lambda: torch.cat([h(X[[i]])[0] for i in range(len(X))])),
-        "b: windows": in_order(h, "windows", lambda: h(X)[0]),
-        "b: windows over sequences": in_order(h, "windows", lambda: h(S)[0]),
-        "c: conv1d": in_order(h, "conv1d", lambda: h(S)[0]),
-        "d: conv": in_order(h, "conv", lambda: h(S)[0]),
-        "e: cached": lambda: cached_logits(h, S),
-    }
-    assert_paths_agree(h, paths, "b: windows", Y, dtype)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"block{c[0]}" + ("-fused" if c[5] else ""))
+def test_every_order_is_the_reference_in_eval_and_training_mode(case, dtype, device):
+    B, n_embd, n_hidden, N, T, fused = case
+    torch.manual_seed(0)
+    rows = assert_orders_match_reference(WaveNet(WaveNetConfig(11, B, n_embd, n_hidden, fused=fused)), N, T, dtype, device)
+    assert {(r.order, r.mode) for r in rows} >= {("per position (lecture loop)", "eval"), ("cached steps", "eval"), ("conv", "train"), ("windows", "train")}
+    assert all(r.buffers is not None for r in rows if r.mode == "train")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     log_block=st.integers(1, 5),
-    T=st.integers(1, 40),
-    N=st.integers(1, 3),
-    order=st.sampled_from(["conv1d", "conv"]),
+    lengths=st.lists(st.integers(1, 20), min_size=1, max_size=3),
+    fused=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_conv_output_j_is_the_window_ending_at_j(log_block, T, N, order, seed):
-    """Over the split between convolution levels and per-window levels, which moves with T."""
-    B = 2**log_block
-    h = trained_model(WaveNetConfig(11, B, 6, 10, order="windows"), steps=1, seed=seed).double()
-    S = torch.randint(0, 11, (N, B + T - 1))
-    expected = h(windows(S, B))[0].view(N, T, -1)
-    h.order = order
-    assert (h(S)[0] - expected).abs().max() <= 1e-12
+def test_any_shape_and_padding_is_the_reference(log_block, lengths, fused, seed):
+    """Whole names batched as the data pipeline does: row n has lengths[n] targets, then right padding (any tokens)."""
+    B, T, N = 2**log_block, max(lengths), len(lengths)
+    assume(sum(lengths) >= 2 and (T > 1 or N > 1))  # one node per level has no unbiased variance
+    torch.manual_seed(seed)
+    model = WaveNet(WaveNetConfig(11, B, 4, 6, fused=fused)).double()
+    gen = torch.Generator().manual_seed(seed)
+    S = torch.randint(0, 11, (N, B + T - 1), generator=gen)
+    Y = torch.randint(0, 11, (N, T), generator=gen).masked_fill(torch.arange(T) >= torch.tensor(lengths)[:, None], IGNORE_INDEX)
+    prepare(model, S, seed=seed)
+    rows = compare(model, S, Y, dtype=torch.float64, tolerance=TOLERANCES["float64"])
+    assert all(r.passed for r in rows), "\n" + table(rows)
 
 
 @settings(max_examples=30, deadline=None)
@@ -124,76 +96,6 @@ def test_a_level_fuses_x_t_with_x_t_plus_dilation(N, T, dilation, seed):
     for order in ("conv1d", "conv"):
         model.order = order
         assert (model._dilated_mix(block, x, dilation) - expected).abs().max() <= 1e-12
-
-
-def test_a_window_batch_takes_the_same_code_in_every_order():
-    """T = 1: bit-identical logits, loss, gradients and running statistics, in training mode."""
-    X, Y = torch.randint(0, 27, (64, 8)), torch.randint(0, 27, (64, 1))
-    results = []
-    for order in ("windows", "conv", "conv1d"):
-        torch.manual_seed(42)
-        model = WaveNet(WaveNetConfig(order=order))
-        logits, loss = model(X, Y)
-        loss.backward()
-        results.append((logits, [p.grad for p in model.parameters()], [b.clone() for b in model.buffers()]))
-    for logits, grads, buffers in results[1:]:
-        assert torch.equal(logits, results[0][0])
-        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
-        assert all(torch.equal(a, b) for a, b in zip(buffers, results[0][2]))
-
-
-# Training mode: BatchNorm statistics over exactly the nodes that feed a valid output.
-
-
-def brute_force_train_forward(model: WaveNet, S: torch.Tensor, valid: torch.Tensor):
-    """Every level at every position, with each level's statistics over the nodes listed one by one
-    from every valid output's window; returns the logits (N, T, V) and each level's (mean, var)."""
-    B = model.block_size
-    N, L = S.shape
-    x = model.wte.weight[S]  # (N, L, C); index = position in S
-    stats = []
-    for i, block in enumerate(model.blocks, start=1):
-        d = 2 ** (i - 1)
-        pre = torch.zeros(N, L, block.linear.weight.shape[1], dtype=x.dtype)
-        pre[:, d:] = torch.cat([x[:, :-d], x[:, d:]], -1) @ block.linear.weight  # node p fuses p - d and p
-        used = torch.zeros(N, L, dtype=torch.bool)
-        for n, j in valid.nonzero().tolist():
-            for k in range(B >> i):
-                used[n, B - 1 + j - 2**i * k] = True  # output j's tree holds level i at these positions
-        mean, var = pre[used].mean(0), pre[used].var(0)
-        stats.append((mean, var))
-        x = torch.tanh(block.bn.weight * (pre - mean) / torch.sqrt(var + block.bn.eps) + block.bn.bias)
-    return model.lm_head(x[:, B - 1 :]), stats
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    log_block=st.integers(1, 4),
-    lengths=st.lists(st.integers(1, 20), min_size=1, max_size=4),
-    order=st.sampled_from(["conv1d", "conv"]),
-    fused=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_training_statistics_cover_exactly_the_nodes_of_valid_outputs(log_block, lengths, order, fused, seed):
-    """Whole names batched as the data pipeline does: block_size 0s, the name, right padding (any tokens)."""
-    B = 2**log_block
-    T = max(lengths)
-    valid = torch.arange(T) < torch.tensor(lengths)[:, None]  # (N, T): a prefix of each row
-    if valid.sum() < 2 or T < 2:
-        return  # one node per level has no unbiased variance; T = 1 is a window batch, never masked
-    torch.manual_seed(seed)
-    model = WaveNet(WaveNetConfig(11, B, 6, 10, order=order, fused=fused)).double()
-    S = torch.randint(0, 11, (len(lengths), B + T - 1))
-    S[:, : B - 1] = 0
-    targets = torch.randint(0, 11, (len(lengths), T)).masked_fill(~valid, IGNORE_INDEX)
-    for block in model.blocks:
-        block.bn.momentum = 1.0  # running statistics := this batch's
-    expected, stats = brute_force_train_forward(model, S, valid)
-    logits, _ = model(S, targets)
-    assert (logits - expected).abs().max() <= 1e-10
-    for block, (mean, var) in zip(model.blocks, stats):
-        assert (block.bn.running_mean - mean).abs().max() <= 1e-10
-        assert (block.bn.running_var - var).abs().max() <= 1e-10
 
 
 def test_appending_padding_changes_no_statistics_and_no_valid_output():

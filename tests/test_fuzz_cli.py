@@ -115,19 +115,22 @@ INVALID = {
     "lr": (None, _floats(0, None, low_ok=False)),
     "min_lr": (None, _floats(0, None)),
     "max_seconds": (None, _floats(0, None)),
+    "checkpoint_seconds": (None, _floats(0, None)),
+    "dist_timeout": (None, _floats(0, None, low_ok=False)),
     "weight_decay": (None, _floats(0, None)),
     "grad_clip": (None, _floats(0, None)),
     "decay_at": (None, _floats(0, 1)),
     "warmup": (None, _floats(0, 1)),
     "beta1": (None, _floats(0, 1, high_ok=False)),  # 1 itself is refused: AdamW divides by 1 - beta^t
     "beta2": (None, _floats(0, 1, high_ok=False)),
-    "device": (None, st.text(st.characters(codec="ascii", categories=["L", "N", "P"]), max_size=10).filter(lambda s: not re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", s))),
+    "device": (None, st.text(st.characters(codec="ascii", categories=["L", "N", "P"]), max_size=10).filter(lambda s: not re.fullmatch(r"auto|(cpu|cuda|mps)(:\d+)?", s))),
     "kind": (None, _not_in(("auto", "lines", "stream"))),
     "layout": (None, _not_in(("windows", "sequences"))),
     "model": (None, _not_in(tuple(MODELS))),
     "optimizer": (None, _not_in(("sgd", "adamw"))),
     "schedule": (None, _not_in(("step", "cosine"))),
-    "dtype": (None, _not_in(("float32", "bfloat16"))),
+    "dtype": (None, _not_in(("auto", "float32", "bfloat16"))),
+    "compile_mode": (None, _not_in(("default", "reduce-overhead", "max-autotune"))),
     "block_size": ("wavenet", st.integers(max_value=1) | st.integers(3, 2**62).filter(lambda b: b & (b - 1)) | HUGE),  # a power of two >= 2
     "n_embd": ("mlp", POSITIVE),
     "n_hidden": ("wavenet", POSITIVE),
@@ -138,10 +141,12 @@ INVALID = {
     "order": ("wavenet", _not_in(("conv", "conv1d", "windows"))),
     "n": ("ngram", st.integers(max_value=1) | st.integers(6, 2**62) | HUGE),  # 27^n counts: n <= 5 for names
     "smoothing": ("ngram", _floats(0, None)),
+    "n_layer": ("transformer", st.integers(max_value=0)),
+    "n_head": ("transformer", st.integers(max_value=0)),
 }
 # Flags with no numeric or named value to get wrong: --data is checked when read (test_cli.py),
 # the booleans take no value.
-NOT_FUZZED = {"data", "compile", "fused"}
+NOT_FUZZED = {"data", "compile", "fused", "tie_weights"}
 
 
 def test_every_setting_has_bad_values_to_try():
@@ -189,7 +194,9 @@ def test_a_bad_setting_is_one_line_naming_its_flag(out, bad, recipe):
         (["--model", "ngram", "--n", "7"], "--n"),  # 27^7 counts, 41 GB
         (["--model", "gated", "--stacks", "1000000000000"], "--stacks"),  # would build layers until memory runs out
         (["--recipe", "nope"], "--recipe"),
-        (["--model", "transformer"], "--model"),
+        (["--model", "lstm"], "--model"),
+        (["--compile-mode", "reduce-overhead"], "--compile-mode"),  # without --compile it would do nothing
+        (["--dist-timeout", "0"], "--dist-timeout"),
         (["--lr", "abc"], "--lr"),
         (["--batch-size", "1.5"], "--batch-size"),
         (["--max-seconds", "1e400"], "--max-seconds"),

@@ -4,6 +4,7 @@ from .base import LanguageModel
 from .gated import GATED_ORDERS, GatedLayer, GatedWaveNet, GatedWaveNetConfig
 from .mlp import MLP, MLPConfig
 from .ngram import NeuralBigram, NeuralBigramConfig, NGram, NGramConfig
+from .transformer import Transformer, TransformerConfig
 from .wavenet import ORDERS, TreeBlock, WaveNet, WaveNetConfig
 
 MODELS = {
@@ -12,6 +13,7 @@ MODELS = {
     "mlp": (MLP, MLPConfig),
     "wavenet": (WaveNet, WaveNetConfig),
     "gated": (GatedWaveNet, GatedWaveNetConfig),
+    "transformer": (Transformer, TransformerConfig),
 }
 
 
@@ -24,5 +26,5 @@ def build_model(name: str, config) -> LanguageModel:
 __all__ = [
     "LanguageModel", "MODELS", "build_model", "NGram", "NGramConfig", "NeuralBigram", "NeuralBigramConfig",
     "MLP", "MLPConfig", "ORDERS", "TreeBlock", "WaveNet", "WaveNetConfig",
-    "GATED_ORDERS", "GatedLayer", "GatedWaveNet", "GatedWaveNetConfig",
+    "GATED_ORDERS", "GatedLayer", "GatedWaveNet", "GatedWaveNetConfig", "Transformer", "TransformerConfig",
 ]  # fmt: skip

@@ -24,8 +24,12 @@ from (its "dilate" step):
   the last stack is the per-window tree: level k is needed only at t - j·2^k, so it computes just
   those nodes, the children are neighbours ``x[0::2]``, ``x[1::2]``, the residual takes the right
   one and the skip each level's rightmost node.
-- cached generation (``prefill`` / ``step``): a ring of each layer's last d input nodes, so a new
-  token costs one node per layer.
+- cached generation (``prefill`` / ``step``): a ring of each layer's last d input nodes
+  (base.Rings), so a new token costs one node per layer.
+
+Under autocast (``--dtype bfloat16``) every GEMM runs in bfloat16 on float32 master weights, and
+the long sums stay float32: the residual stream (x + z @ W_res) and the skip sum (over every
+layer), each adding a bfloat16 GEMM's result to a float32 accumulator (``add_matmul``).
 
 Why the residual 1x1 has no bias: a constant added to the residual stream is absorbed by the
 next layer's gate bias and, through the skips, by ``skip_bias``; one bias on the skip sum stands
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import Embedding, Linear
-from .base import LanguageModel, left_pad, sliding_windows
+from .base import LanguageModel, Rings, left_pad, matmul_dtype, sliding_windows
 
 GATED_ORDERS = ("conv", "windows")
 
@@ -89,13 +93,14 @@ class GatedLayer(nn.Module):
 
     def gate(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """(M, C) children, row for row -> (M, G): two GEMMs into one output, no concatenation."""
-        w = self.conv.weight
-        y = torch.addmm(self.conv.bias, left, w[: self.c]).addmm_(right, w[self.c :])  # (M, 2G)
+        dtype = matmul_dtype(left)  # autocast does not cast addmm_'s operands: cast them all alike
+        w, b = self.conv.weight.to(dtype), self.conv.bias.to(dtype)
+        y = torch.addmm(b, left.to(dtype), w[: self.c]).addmm_(right.to(dtype), w[self.c :])  # (M, 2G)
         f, g = y.chunk(2, dim=-1)
         return F.dropout(torch.tanh(f) * torch.sigmoid(g), self.dropout, self.training)
 
     def residual(self, right: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(right, z, self.res.weight)  # (M, C)
+        return add_matmul(right, z, self.res.weight)  # (M, C)
 
     def dilated(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer over a flat level x (M, C), children d rows apart: (z (M - d, G), x' (M - d, C) or None).
@@ -112,51 +117,73 @@ class _DilatedGated(torch.autograd.Function):
     """z = dropout(tanh(y_f) * sigmoid(y_g)), y = x[:-d] @ W[:C] + x[d:] @ W[C:] + b, and x' = x[d:] + z @ W_res.
 
     Autograd's composition materialises the gradient of each row slice of x (``x[:-d]``, ``x[d:]``
-    twice) as a zero-filled copy of x and sums them, and concatenates the two halves of dy; here
-    dx is written once, by two GEMMs into overlapping row ranges, and dy in place. Runs in the
-    input's dtype (autocast off): the gated model trains in float32.
+    twice) as a zero-filled copy of x and sums them; here dx is written once, by two GEMMs into
+    overlapping row ranges. (dy's two halves are concatenated, not written in place through ``out=``
+    views: dynamo traces no ``out=`` into a strided view, and this backward is traced by
+    ``torch.compile``.)
+
+    The GEMMs and the gate run in ``matmul_dtype`` (bfloat16 under autocast, on bfloat16 copies of
+    x and the float32 master weights, as autocast's own GEMMs do); x' stays in x's dtype (float32:
+    the residual stream is a sum over layers), and so do dx and the weights' gradients.
     """
 
     @staticmethod
     def forward(ctx, x, d: int, weight, bias, res_weight, p: float):
-        with torch.autocast(x.device.type, enabled=False):
+        dtype = matmul_dtype(x)  # read before autocast is turned off below
+        with torch.autocast(x.device.type, enabled=False):  # every operand is cast here, once
+            xc, w = x.to(dtype), weight.to(dtype)
+            res = None if res_weight is None else res_weight.to(dtype)
             C, G = x.shape[1], weight.shape[1] // 2
-            y = torch.addmm(bias, x[:-d], weight[:C]).addmm_(x[d:], weight[C:])  # (M - d, 2G)
+            y = torch.addmm(bias.to(dtype), xc[:-d], w[:C]).addmm_(xc[d:], w[C:])  # (M - d, 2G)
             t, s = torch.tanh(y[:, :G]), torch.sigmoid(y[:, G:])
             z = t * s
-            keep = torch.empty_like(z).bernoulli_(1 - p).div_(1 - p) if p else None  # dropout: 0 or 1 / (1 - p)
+            keep = torch.empty_like(z).bernoulli_(1 - p) if p else None  # dropout: 0 or 1, then 1 / (1 - p)
             if keep is not None:
-                z *= keep
-            x_next = None if res_weight is None else torch.addmm(x[d:], z, res_weight)
-        ctx.d = d
-        ctx.save_for_backward(x, weight, res_weight, t, s, z, keep)
+                z.mul_(keep).mul_(1 / (1 - p))
+            x_next = None if res is None else add_matmul(x[d:], z, res)
+        ctx.d, ctx.p, ctx.dtypes = d, p, (x.dtype, weight.dtype, bias.dtype)
+        ctx.save_for_backward(xc, w, res, t, s, z, keep)
         return z, x_next
 
     @staticmethod
     def backward(ctx, dz, dx_next):
-        x, weight, res_weight, t, s, z, keep = ctx.saved_tensors
-        d, (M, C), G = ctx.d, x.shape, t.shape[1]
-        dz = torch.zeros_like(z) if dz is None else dz
-        d_res = None
-        if res_weight is not None and dx_next is not None:
-            d_res = z.T @ dx_next  # (G, C)
-            dz = torch.addmm(dz, dx_next, res_weight.T)
-        if keep is not None:
-            dz = dz * keep
-        dy = torch.empty(M - d, 2 * G, dtype=z.dtype, device=z.device)
-        dy_f, dy_g = dy[:, :G], dy[:, G:]
-        torch.mul(dz, s, out=dy_f)
-        torch.ops.aten.tanh_backward.grad_input(dy_f, t, grad_input=dy_f)  # * (1 - t^2)
-        torch.mul(dz, t, out=dy_g)
-        torch.ops.aten.sigmoid_backward.grad_input(dy_g, s, grad_input=dy_g)  # * s (1 - s)
-        d_weight = torch.cat([x[:-d].T @ dy, x[d:].T @ dy])  # (2C, 2G)
-        dx = torch.empty_like(x)
-        torch.mm(dy, weight[:C].T, out=dx[:-d])  # the left children: rows 0 .. M-d-1
-        dx[M - d :].zero_()
-        dx[d:].addmm_(dy, weight[C:].T)  # the right children: rows d .. M-1
-        if dx_next is not None:
-            dx[d:] += dx_next  # the residual passes the right child through
-        return dx, None, d_weight, dy.sum(0), d_res, None
+        x, weight, res_weight, t, s, z, keep = ctx.saved_tensors  # x, weights, activations in the GEMMs' dtype
+        d, (M, C), G, dtype = ctx.d, x.shape, t.shape[1], z.dtype
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        with torch.autocast(x.device.type, enabled=False):
+            dz = torch.zeros_like(z) if dz is None else dz.to(dtype)
+            d_res = None
+            if res_weight is not None and dx_next is not None:
+                dxn = dx_next.to(dtype)
+                d_res = (z.T @ dxn).to(w_dtype)  # (G, C)
+                dz = torch.addmm(dz, dxn, res_weight.T)
+            if keep is not None:
+                dz = dz * keep * (1 / (1 - ctx.p))
+            dy_f = torch.ops.aten.tanh_backward(dz * s, t)  # * (1 - t^2)
+            dy_g = torch.ops.aten.sigmoid_backward(dz * t, s)  # * s (1 - s)
+            dy = torch.cat([dy_f, dy_g], dim=1)  # (M - d, 2G)
+            d_weight = torch.cat([x[:-d].T @ dy, x[d:].T @ dy]).to(w_dtype)  # (2C, 2G)
+            dx = torch.empty(M, C, dtype=x_dtype, device=x.device)
+            if dtype == x_dtype:  # the two GEMMs write straight into dx
+                torch.mm(dy, weight[:C].T, out=dx[:-d])  # the left children: rows 0 .. M-d-1
+                dx[M - d :].zero_()
+                dx[d:].addmm_(dy, weight[C:].T)  # the right children: rows d .. M-1
+            else:  # bfloat16 GEMMs, summed in x's dtype
+                dx[:-d] = dy @ weight[:C].T
+                dx[M - d :].zero_()
+                dx[d:] += dy @ weight[C:].T
+            if dx_next is not None:
+                dx[d:] += dx_next  # the residual passes the right child through
+            d_bias = dy.sum(0, dtype=b_dtype)
+        return dx, None, d_weight, d_bias, d_res, None
+
+
+def add_matmul(acc: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ w`` in acc's dtype: one addmm where the dtypes agree; else a GEMM in a's dtype
+    (bfloat16 under autocast) added to the float32 accumulator, which autocast's addmm would round."""
+    if a.dtype == acc.dtype:
+        return torch.addmm(acc, a, w)
+    return acc + a @ w.to(a.dtype)
 
 
 class GatedWaveNet(LanguageModel):
@@ -214,42 +241,38 @@ class GatedWaveNet(LanguageModel):
             if k >= tree_from:  # adjacent rows are the children: (N·K, C) -> (N·K/2, G), K nodes per window
                 right = x[1::2]
                 z = layer.gate(x[0::2], right)
-                skip = torch.addmm(skip, z.view(N, -1, z.shape[-1])[:, -1], layer.skip.weight)  # the rightmost node
+                skip = add_matmul(skip, z.view(N, -1, z.shape[-1])[:, -1], layer.skip.weight)  # the rightmost node
                 x = None if layer.res is None else layer.residual(right, z)
             else:  # rows d apart are the children: (M, C) -> (M - d, G)
                 z, x = layer.dilated(x)
                 shift += d
                 outputs = z[R - 1 - shift :]  # rows aligned with the outputs
-                skip = torch.addmm(self.skip_bias if skip is None else skip, outputs, layer.skip.weight)
+                skip = add_matmul(self.skip_bias if skip is None else skip, outputs, layer.skip.weight)
         if tree_from == len(self.layers):
             skip = _unflat(skip, N, L, R - 1)[:, :T].reshape(N * T, -1)
         return skip
 
     # Cached generation (fast WaveNet generation, Paine et al. 2016): a layer needs its input at s
-    # and s - d, so a ring of its input's last d nodes makes each new token cost one node per layer.
-    # After prefill, slot j holds position R - d + j of the padded window; step t writes position
-    # R + t into slot t mod d, where position R + t - d, its left child, sat.
+    # and s - d, so a ring of its input's last d nodes (base.Rings) makes each new token cost one
+    # node per layer.
 
     def prefill(self, idx: torch.Tensor):
         R = self.receptive_field
         window = left_pad(idx, R)[:, -R:]  # (N, R)
         N = window.shape[0]
-        rings: list[torch.Tensor] = []
-        skip = self._walk(self.wte(window).reshape(N * R, -1), N, R, per_window=False, record=rings)  # (N, S)
-        return self._logits(skip), _Rings([r.contiguous() for r in rings])
+        nodes: list[torch.Tensor] = []
+        skip = self._walk(self.wte(window).reshape(N * R, -1), N, R, per_window=False, record=nodes)  # (N, S)
+        return self._logits(skip), Rings(nodes)
 
-    def step(self, token: torch.Tensor, cache: "_Rings"):
+    def step(self, token: torch.Tensor, cache: Rings):
         x = self.wte(token)  # (N, C): the new position of level 0
         skip = self.skip_bias
-        for layer, ring in zip(self.layers, cache.rings):
-            slot = cache.t % layer.dilation
-            left = ring[:, slot].clone()  # position s - d; a copy, since its slot is overwritten next
-            ring[:, slot] = x
-            z = layer.gate(left, x)
-            skip = torch.addmm(skip, z, layer.skip.weight)
+        for i, layer in enumerate(self.layers):
+            z = layer.gate(cache.swap(i, x), x)  # its left child: the node d positions back
+            skip = add_matmul(skip, z, layer.skip.weight)
             if layer.res is not None:
                 x = layer.residual(x, z)
-        cache.t += 1
+        cache.advance()
         return self._logits(skip), cache
 
     def _logits(self, skip: torch.Tensor) -> torch.Tensor:
@@ -260,9 +283,3 @@ def _unflat(x: torch.Tensor, N: int, L: int, shift: int) -> torch.Tensor:
     """Rows of a level that has lost ``shift`` rows from the front, as (N, L, ...): [n, j] is position j + shift of sequence n."""
     return F.pad(x, (0, 0, 0, shift)).view(N, L, *x.shape[1:])
 
-
-class _Rings:
-    """Per layer, its input's last d nodes (N, d, C); ``t``, the steps taken since prefill."""
-
-    def __init__(self, rings: list[torch.Tensor]):
-        self.rings, self.t = rings, 0

@@ -24,6 +24,7 @@ class MLPConfig:
 
 class MLP(LanguageModel):
     """Embedding -> flatten the window -> Linear -> BatchNorm1d -> tanh -> Linear, at every window of the sequence."""
+    batch_statistics = True
 
     def __init__(self, config: MLPConfig):
         super().__init__()

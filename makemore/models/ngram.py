@@ -38,6 +38,7 @@ class NGram(LanguageModel):
 
     Logits are log-probabilities.
     """
+    fitted = True
 
     def __init__(self, config: NGramConfig):
         super().__init__()
@@ -79,6 +80,7 @@ class NeuralBigramConfig:
 
 class NeuralBigram(LanguageModel):
     """The bigram as a network: logits = W[previous token], i.e. one_hot(x) @ W without the one-hot."""
+    fitted = True
 
     def __init__(self, config: NeuralBigramConfig):
         super().__init__()

@@ -15,8 +15,9 @@ place the levels are walked:
   log2 B nodes per output). ``"conv"`` evaluates it as one matmul over the two shifted views side by
   side, ``"conv1d"`` as F.conv1d with the same weight (tap 0 = W[:C].T meets the left child).
   Levels where no two outputs share a node (2^i > T) are finished per window, which is cheaper.
-- cached generation (``prefill`` / ``step``): a ring buffer of the last 2^i nodes of level i, so
-  each new token costs one node per level, with eval-mode BatchNorm folded into the Linear.
+- cached generation (``prefill`` / ``step``): a ring buffer of the last 2^i nodes of level i
+  (base.Rings), so each new token costs one node per level, with eval-mode BatchNorm folded into
+  the Linear.
 
 A block sees its two children separately: ``mix`` is linear in [left; right] (so a level can be a
 GEMM over pairs or a dilated convolution), ``activate(y, right, mask)`` is pointwise per node.
@@ -25,6 +26,9 @@ BatchNorm in training mode: a window batch (T = 1) has no padding, so its statis
 lecture's, bit for bit. With T > 1 the statistics cover the nodes that feed an output with a
 target (``targets != -100``): right padding stays out. The orders then see different populations
 (windows count shared nodes once per window), as the lecture's model and its convolution do.
+
+Under autocast (``--dtype bfloat16``) every Linear and convolution runs in bfloat16 on float32
+master weights; BatchNorm takes its statistics and count in float32 and hands tanh float32.
 """
 
 from dataclasses import dataclass, field
@@ -35,7 +39,7 @@ from torch import nn
 
 from ..data import IGNORE_INDEX
 from ..nn import BatchNorm1d, Embedding, FlattenConsecutive, Linear, batch_norm_tanh
-from .base import LanguageModel, left_pad, sliding_windows
+from .base import LanguageModel, Rings, left_pad, matmul_dtype, sliding_windows
 
 ORDERS = ("conv", "conv1d", "windows")
 
@@ -105,11 +109,13 @@ class TreeBlock(nn.Module):
     def step(self, left: torch.Tensor, right: torch.Tensor, folded) -> torch.Tensor:
         """One node from its two children (N, C_in) each, with ``folded()``'s map: two GEMMs, no concatenation."""
         w_left, w_right, bias = folded
-        return torch.tanh(torch.addmm(bias, left, w_left).addmm_(right, w_right))
+        dtype = matmul_dtype(left)  # under autocast addmm_ is not cast for us: operands in one dtype
+        return torch.tanh(torch.addmm(bias.to(dtype), left.to(dtype), w_left.to(dtype)).addmm_(right.to(dtype), w_right.to(dtype)))
 
 
 class WaveNet(LanguageModel):
     """Embedding -> n_layers TreeBlocks -> Linear, evaluated in the config's ``order`` (see the module docstring)."""
+    batch_statistics = True
 
     def __init__(self, config: WaveNetConfig):
         super().__init__()
@@ -160,6 +166,7 @@ class WaveNet(LanguageModel):
     def _dilated_mix(self, block: TreeBlock, x: torch.Tensor, d: int) -> torch.Tensor:
         if self.order == "conv1d":
             return F.conv1d(x.transpose(1, 2), block.conv_weight(), dilation=d).transpose(1, 2)
+        x = x.to(matmul_dtype(x))  # cast before the concatenation (autocast would cast the twice-as-large result)
         return block.mix(torch.cat([x[:, :-d], x[:, d:]], dim=-1))  # the two shifted views side by side: one GEMM
 
     def _node_masks(self, valid: torch.Tensor) -> list[torch.Tensor]:
@@ -175,32 +182,21 @@ class WaveNet(LanguageModel):
         return masks[::-1]
 
     # Cached generation (fast WaveNet generation, Paine et al. 2016): block i needs its input at s
-    # and s - 2^i, so a ring of the input level's last 2^i nodes makes each new token cost one
-    # node per level. Slot s mod 2^i holds position s; positions count from the padded window's start.
+    # and s - 2^i, so a ring of the input level's last 2^i nodes (base.Rings) makes each new token
+    # cost one node per level.
 
     def prefill(self, idx: torch.Tensor):
         if self.training:
             raise ValueError("cached generation uses BatchNorm's running statistics: call model.eval() first")
         window = left_pad(idx, self.block_size)[:, -self.block_size :]  # (N, B): positions 0 .. B-1
-        rings: list[torch.Tensor] = []
-        x = self._walk(self.wte(window), 1, None, len(self.blocks), record=rings)  # every level at every position
+        nodes: list[torch.Tensor] = []
+        x = self._walk(self.wte(window), 1, None, len(self.blocks), record=nodes)  # every level at every position
         folded = [block.folded() for block in self.blocks]
-        return self.lm_head(x[:, -1]), _Rings([r.contiguous() for r in rings], self.block_size, folded)
+        return self.lm_head(x[:, -1]), Rings(nodes, fixed=folded)
 
-    def step(self, token: torch.Tensor, cache: "_Rings"):
-        x = self.wte(token)  # (N, n_embd): the node at position t of level 0
-        for i, (block, ring, folded) in enumerate(zip(self.blocks, cache.rings, cache.folded)):
-            slot = cache.t % 2**i
-            left = ring[:, slot].clone()  # position t - 2^i; a copy, since autograd may keep it and its slot is reused
-            ring[:, slot] = x  # position t replaces t - 2^i, no longer needed
-            x = block.step(left, x, folded)
-        cache.t += 1
+    def step(self, token: torch.Tensor, cache: Rings):
+        x = self.wte(token)  # (N, n_embd): the new position of level 0
+        for i, (block, folded) in enumerate(zip(self.blocks, cache.fixed)):
+            x = block.step(cache.swap(i, x), x, folded)  # its left child: the node 2^i positions back
+        cache.advance()
         return self.lm_head(x), cache
-
-
-class _Rings:
-    """Per level i, the last 2^i nodes (N, 2^i, C) of block i's input; ``t``, the next position;
-    each block's eval-mode map with BatchNorm folded in (computed once per generation)."""
-
-    def __init__(self, rings: list[torch.Tensor], t: int, folded: list):
-        self.rings, self.t, self.folded = rings, t, folded

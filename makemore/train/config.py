@@ -16,14 +16,13 @@ from ..models import MODELS
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes; reduce-overhead: CUDA graphs
 # The loop keeps every step's loss and clock time for the whole run, allocated when training starts
 # (12 bytes a step): the bound stops a stray zero (--max-steps 10000000000) from taking 120 GB.
 MAX_STEPS = 10_000_000
 INT64 = 2**63  # ints end up as tensor sizes, indices and seeds: int64 in torch
-# Models that normalise over the batch (BatchNorm): one window alone has no variance.
-BATCH_NORM_MODELS = ("mlp", "wavenet")
 
 
 def option(default, help: str, choices=None):
@@ -59,11 +58,16 @@ class TrainConfig:
     eval_max_tokens: int = option(500_000, "the final evaluation covers each split exhaustively up to this many targets, an even subset above")
     log_interval: int = option(1000, "log the training loss every this many steps")
     checkpoint_interval: int = option(10_000, "save a checkpoint every this many steps")
+    checkpoint_seconds: float = option(300.0, "also save one when this many seconds of wall clock passed since the last: the most a crash can lose")
     # system
     seed: int = option(42, "seed of the split, the initialisation and the batches")
-    device: str = option("cpu", "cpu, cuda, cuda:1, ... (under torchrun, cuda is cuda:LOCAL_RANK)")
-    dtype: str = option("float32", "bfloat16: autocast matmuls to bfloat16", DTYPES)
+    device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps (under torchrun, cuda is cuda:LOCAL_RANK)")
+    dtype: str = option(
+        "auto", "bfloat16: autocast matmuls to bfloat16, float32 master weights; auto: bfloat16 where the device multiplies it natively", DTYPES
+    )
     compile: bool = option(False, "torch.compile the model (falls back to eager with a message where it cannot)")
+    compile_mode: str = option("default", "with --compile: torch.compile's mode (reduce-overhead: CUDA graphs)", COMPILE_MODES)
+    dist_timeout: float = option(300.0, "under torchrun: seconds a rank waits for the others before ending the job")
 
     def __post_init__(self):
         check_numbers(self)
@@ -73,7 +77,7 @@ class TrainConfig:
                 raise ValueError(f"{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "eval_iters", "eval_max_tokens", "log_interval", "checkpoint_interval"):
             _at_least(self, name, 1)
-        for name in ("max_steps", "max_seconds", "eval_interval", "weight_decay", "grad_clip", "min_lr"):
+        for name in ("max_steps", "max_seconds", "eval_interval", "weight_decay", "grad_clip", "min_lr", "checkpoint_seconds"):
             _at_least(self, name, 0)
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
@@ -90,12 +94,16 @@ class TrainConfig:
             )
         if not 0 <= self.seed < INT64 - 1:  # seed + 1 seeds the estimates' generator
             raise ValueError(f"--seed must be in [0, 2^63 - 1), got {self.seed}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be > 0, got {self.dist_timeout}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"--compile-mode {self.compile_mode} applies to --compile: add --compile")
         try:
-            device_type = torch.device(self.device).type
+            device_type = "auto" if self.device == "auto" else torch.device(self.device).type
         except (RuntimeError, TypeError):
             device_type = None
-        if device_type not in DEVICE_TYPES:
-            raise ValueError(f"--device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if device_type not in ("auto", *DEVICE_TYPES):
+            raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
 def _at_least(config, name: str, low) -> None:
@@ -168,7 +176,7 @@ def check_new_run(config: TrainConfig, model_config) -> None:
 
     Not part of make_configs: checkpoints written before these checks existed must still load.
     """
-    if config.model in BATCH_NORM_MODELS:
+    if MODELS[config.model][0].batch_statistics:
         # BatchNorm's variance over a single value is nan (0 with the fused kernel: a run that learns nothing).
         if config.layout == "windows" and config.batch_size < 2:
             raise ValueError(
@@ -190,3 +198,38 @@ def check_new_run(config: TrainConfig, model_config) -> None:
             f"--min-lr ({config.min_lr:g}) must be <= --lr ({config.lr:g}): the schedule decays from --lr to --min-lr; "
             "lower --min-lr as well"
         )
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``--device`` names; ``auto``: the GPU if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype the matmuls run in; ``auto``: bfloat16 where ``device`` multiplies it natively, else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
+def native_bf16(device: torch.device) -> bool:
+    """A CUDA device with bf16 arithmetic, or a CPU with AVX512-BF16 or AMX (emulated bf16 elsewhere is slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return False
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags, from /proc/cpuinfo (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()

@@ -10,13 +10,15 @@ clock. What rank 0 alone does: checkpoints, evaluation, metrics.jsonl, loss.png 
 other ranks wait at a barrier meanwhile.
 """
 
+import datetime
 import hashlib
 import os
+import time
 
 import torch
 import torch.distributed as dist
 
-from .. import nn as makemore_nn
+from .config import resolve_device
 
 _owned = False  # whether setup() made the process group, so teardown() destroys only ours
 
@@ -40,8 +42,9 @@ def is_main_process() -> bool:
 
 
 def device(name: str) -> torch.device:
-    """The device this rank trains on: under torchrun ``cuda`` (any index) is ``cuda:LOCAL_RANK``, one GPU per rank."""
-    chosen = torch.device(name)
+    """The device this rank trains on (``auto``: see resolve_device): under torchrun ``cuda`` (any index) is
+    ``cuda:LOCAL_RANK``, one GPU per rank."""
+    chosen = resolve_device(name)
     if launched() and chosen.type == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return chosen
@@ -55,28 +58,38 @@ def stream_seed(seed: int, rank: int) -> int:
 def check_supported(model_name: str, model: torch.nn.Module) -> None:
     """One clear error, raised alike by every rank before any joins the group (so none waits for another), for a
     model that cannot train in more than one process."""
-    if hasattr(model, "fit"):
+    if model.fitted:
         raise ValueError(f"--model {model_name} is fitted in one pass over the data, not trained in steps; run it without torchrun")
-    batch_norms = (makemore_nn.BatchNorm1d, torch.nn.modules.batchnorm._BatchNorm)
-    if any(isinstance(m, batch_norms) for m in model.modules()):
+    if model.batch_statistics:
         raise ValueError(
             f"--model {model_name} uses BatchNorm, whose batch statistics would differ between the {world_size()} processes; "
             "train it without torchrun, or use --model gated (no normalisation) under torchrun"
         )
 
 
-def setup(on: torch.device) -> None:
+def setup(on: torch.device, timeout: float) -> None:
     """Join the process group (torchrun's rendezvous, through the environment): gloo for CPU tensors, nccl for CUDA ones.
 
     On CUDA the group has both backends, so the loop's host-side collectives (the clock, the
-    generators' states, barriers) go through gloo and never wait on the GPU.
+    generators' states, barriers) go through gloo and never wait on the GPU. A collective that waits
+    more than ``timeout`` seconds for a peer fails (torch's default is 30 minutes).
     """
     global _owned
+    backend = "gloo"
     if on.type == "cuda":
         torch.cuda.set_device(on)
-        dist.init_process_group("cpu:gloo,cuda:nccl")
+        backend = "cpu:gloo,cuda:nccl"
+    timeout = datetime.timedelta(seconds=timeout)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
+        # After an elastic restart torchrun's agent keeps its store, with the last attempt's gloo addresses
+        # in it: a rank that read a dead peer's address failed to connect ("Connection refused", 1 restart
+        # in 4 here). A prefix per attempt gives every attempt keys of its own.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size(), is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"makemore/attempt_{restart}", store)
+        dist.init_process_group(backend, store=store, rank=rank(), world_size=world_size(), timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend, timeout=timeout)
     _owned = True
 
 
@@ -114,13 +127,35 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def maximum(value: float) -> float:
-    """The largest of the ranks' ``value``: one float64 scalar through gloo."""
+def agree(elapsed: float, *flags: bool) -> tuple[float, ...]:
+    """The largest clock and each flag raised on any rank, in one float64 all-reduce: what every rank acts on this step."""
     if not _active():
-        return value
-    tensor = torch.tensor(value, dtype=torch.float64)
+        return (elapsed, *flags)
+    tensor = torch.tensor([elapsed, *map(float, flags)], dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.item()
+    first, *rest = tensor.tolist()
+    return (first, *(value > 0 for value in rest))
+
+
+def unanswered_ranks(wait: float = 3.0) -> list[int]:
+    """After a collective timed out: the ranks that do not say within ``wait`` seconds that they are alive ([] if unknown).
+
+    Every rank that timed out marks itself in the rendezvous store (torchrun's agent holds it, so
+    it answers while a rank is stopped) and looks for the others' marks; a stopped or hung rank
+    never writes its own.
+    """
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        prefix = f"makemore/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        store.set(prefix + str(rank()), "1")
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [r for r in range(world_size()) if not store.check([prefix + str(r)])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - the store itself is gone: the caller says what it knows
+        return []
 
 
 def gather(obj) -> list:

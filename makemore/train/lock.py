@@ -1,9 +1,10 @@
 """One training per run directory: ``OUT/.lock`` names the process that trains into it.
 
 Two trainings writing one directory would replace each other's checkpoints and interleave their
-metrics. The lock is a file created with O_CREAT | O_EXCL (atomic, also on network filesystems
-that have no flock) holding its owner's pid and host. A process killed with SIGKILL cannot remove
-it; the next training finds its pid dead and takes it over. A lock from another host cannot be
+metrics. The lock is a file created with O_CREAT | O_EXCL (atomic, also on network filesystems)
+holding its owner's pid and host. A process killed with SIGKILL cannot remove it; the next
+training finds its pid dead and takes it over, under an flock of the directory so that of several
+processes taking over one stale lock exactly one succeeds. A lock from another host cannot be
 checked from here, so it is refused with the way to clear it.
 
 Under torchrun only rank 0 takes the lock, before the process group exists: the ranks of one job
@@ -12,6 +13,7 @@ rank waits for it in a collective (torchrun stops the others, still in the rende
 """
 
 import contextlib
+import fcntl
 import os
 import socket
 from pathlib import Path
@@ -59,17 +61,36 @@ def acquire(out_dir: Path) -> Path:
             if pid_alive(pid) and pid != os.getpid():
                 raise InUseError(f"{out_dir} is in use by a running training (pid {pid}); wait for it or choose another --out") from None
             # Its owner died without releasing it (SIGKILL, power loss), or is this very process after a
-            # pid reuse (pid 1 in a container): stale, take it over. Removed only if unchanged since read,
-            # so that a process that took it over a moment ago keeps it (two taking over the same stale
-            # lock within microseconds of each other could still both succeed: not worth a second lock).
-            if _read(path) == text:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            # pid reuse (pid 1 in a container): stale, take it over.
+            if _take_over(out_dir, path, text, me):
+                return path
             continue
         with os.fdopen(fd, "w") as f:
             f.write(me)
         return path
     raise InUseError(f"{out_dir} is in use: its lock {path} keeps changing hands; wait for the other training or choose another --out")
+
+
+def _take_over(out_dir: Path, path: Path, stale: str, me: str) -> bool:
+    """Replace the stale lock ``stale`` by ours, atomically: of several processes taking over one stale lock, one wins.
+
+    "Unchanged since read, then replace" is a compare-and-swap, which files alone do not offer:
+    two processes can both see the stale text, and the second's removal would then remove the
+    first's new lock. So takeovers are serialised by an flock on the run directory (released by
+    the kernel if its holder dies, so it never goes stale itself); creating a lock where there is
+    none stays the O_EXCL create above.
+    """
+    dir_fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        if _read(path) != stale:  # another process took it over (or it was released) while we waited
+            return False
+        tmp = path.with_name(f"{LOCK}.{os.getpid()}.tmp")
+        tmp.write_text(me)
+        os.replace(tmp, path)  # never a moment without a lock: the stale one is replaced by ours whole
+        return True
+    finally:
+        os.close(dir_fd)  # (releases the flock)
 
 
 def release(path: Path) -> None:

@@ -1,0 +1,75 @@
+"""Stop with one line when the training loss diverges: before a logged loss or a checkpoint, never after.
+
+Diverged: a step's loss since the last check is nan or inf, or their mean exceeds FACTOR x
+max(the first step's loss, ln V). The first step's loss is where training starts (ln V for a
+uniform guess; higher for an over-confident init), and training lowers it; minibatch noise moves
+it by tenths, far from 3x (measured: the lecture recipe's first step is 3.32 and no batch of 32 in
+its first 10,000 steps comes above it; the limit is 9.9). A too-high learning rate sends the loss
+to tens, thousands or nan within a few steps, so nothing in between needs telling apart.
+
+Before a checkpoint the guard also checks the current weights, the ones a checkpoint would hold:
+the losses so far were computed before the last update, which alone can ruin the weights (one
+step at --lr 1e4 does). That probe is the loss the next step will compute (loop._next_step_loss).
+Under torchrun every rank checks the same means, so all stop together. The host reads values here only.
+"""
+
+import math
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .history import History
+from .optim import learning_rate
+
+FACTOR = 3.0
+
+
+class DivergenceGuard:
+    def __init__(self, history: History, config: TrainConfig, vocab_size: int, out_dir: Path, checkpoint: Path):
+        self.history, self.config, self.out_dir, self.checkpoint = history, config, out_dir, checkpoint
+        self.uniform = math.log(vocab_size)
+        self.checked = history.step  # losses[:checked] passed
+        self.saved = history.step or None  # the step of the last checkpoint, known good (None: none yet)
+
+    def check(self, probe: torch.Tensor | None = None) -> None:
+        h = self.history
+        if h.step == 0:
+            return
+        h.average()
+        parts = [h.losses[0]] + ([h.losses[self.checked : h.step].mean()] if h.step > self.checked else [])
+        if probe is not None:
+            parts.append(probe)
+        first, *seen = torch.stack(parts).tolist()
+        start = max(first, self.uniform) if math.isfinite(first) else self.uniform
+        limit = FACTOR * start
+        if all(value <= limit for value in seen):  # False for nan
+            self.checked = h.step
+            return
+        if h.step > self.checked and not seen[0] <= limit:
+            window = h.losses[self.checked : h.step].cpu()
+            bad = (~(window <= limit)).nonzero()
+            at = int(bad[0]) if len(bad) else 0
+            step, value = self.checked + at + 1, float(window[at])
+        else:
+            step, value = h.step + 1, seen[-1]  # the probe: the loss of the step after this one
+        raise FloatingPointError(self._message(step, value, start, limit))
+
+    def _message(self, step: int, value: float, start: float, limit: float) -> str:
+        config = self.config
+        lr = _lr_of_step(config, step, self.history.times)
+        now = f"now {config.lr:g}" + (f", {lr:g} at that step" if lr != config.lr else "")
+        if self.saved:
+            after = f"{self.checkpoint} (step {self.saved}) is from before it: continue it with `makemore train --out {self.out_dir} --resume --lr {config.lr / 10:g}`"
+        else:
+            after = "no checkpoint was written: start over with --force and a lower --lr, or with --grad-clip"
+        return (
+            f"the training loss diverged at step {step} ({value:.4g}, above {limit:.3g} = {FACTOR:g} x {start:.3g}, where it started): "
+            f"the learning rate is too high: lower --lr ({now}); {after}"
+        )
+
+
+def _lr_of_step(config: TrainConfig, n: int, times: torch.Tensor) -> float:
+    """The learning rate step ``n`` (1-based) trained with, as the loop set it: from the steps and the clock before it."""
+    before = float(times[min(n - 2, len(times) - 1)]) if n >= 2 else 0.0
+    return learning_rate(config, max((n - 1) / config.max_steps, before / config.max_seconds if config.max_seconds else 0.0))

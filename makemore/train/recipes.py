@@ -1,0 +1,57 @@
+"""Recipes: named overrides of the defaults (TrainConfig's and the model's), as flat settings."""
+
+_SHAKESPEARE = dict(
+    data="tinyshakespeare", model="gated", layout="sequences", batch_size=2, optimizer="adamw", min_lr=1e-4, schedule="cosine",
+    warmup=0.02, weight_decay=0.1, max_steps=1_000_000, eval_interval=250, eval_iters=10, log_interval=50, checkpoint_interval=10_000_000,
+)  # fmt: skip
+
+RECIPES = {
+    # Lecture 5's run: hierarchical WaveNet, n_embd 24, n_hidden 128, 76,579 parameters, SGD 200k steps: val 1.993.
+    # float32 on every machine: the notebook's arithmetic, bit for bit.
+    "lecture": dict(dtype="float32"),
+    # The same model to the lecture's val loss in seconds: AdamW, large batches, the fused BatchNorm + tanh.
+    "fast": dict(
+        optimizer="adamw", lr=2e-2, min_lr=1e-3, schedule="cosine", warmup=0.02, weight_decay=0.1, batch_size=1024,
+        max_steps=100_000, max_seconds=10.0, fused=True, log_interval=50, checkpoint_interval=100_000,
+    ),  # fmt: skip
+    # Long contexts on tinyshakespeare (first 90% train, last 10% val), each stopping at its time budget:
+    # the WaveNet paper's gated residual block through the convolution, AdamW, long training sequences.
+    "shakespeare-60s": dict(_SHAKESPEARE, max_seconds=60.0, seq_len=1024, n_embd=64, n_hidden=64, n_skip=128, n_levels=8, lr=6e-3),
+    "shakespeare-3m": dict(_SHAKESPEARE, max_seconds=180.0, seq_len=1024, n_embd=96, n_hidden=96, n_skip=192, n_levels=8, lr=6e-3, dropout=0.1),
+    "shakespeare-15m": dict(_SHAKESPEARE, max_seconds=900.0, seq_len=2048, n_embd=96, n_hidden=96, n_skip=192, n_levels=9, lr=5e-3, dropout=0.25),
+    # The Transformer baseline for the same budgets and data (bench/race.py races each against the WaveNet above):
+    # nanoGPT's GPT, rotary positions, sliding-window attention so that every prediction sees exactly R tokens (--dtype auto: bf16 matmuls here).
+    # Rows of 128 targets, 16 a step: at equal steps, more and shorter rows learned faster than 8 x 256 (README).
+    "transformer-60s": dict(
+        _SHAKESPEARE, model="transformer", max_seconds=60.0, block_size=64, n_layer=4, n_head=4, n_embd=128, seq_len=128, batch_size=16,
+        lr=3e-3,
+    ),  # fmt: skip
+    "transformer-3m": dict(
+        _SHAKESPEARE, model="transformer", max_seconds=180.0, block_size=128, n_layer=4, n_head=4, n_embd=128, seq_len=128, batch_size=16,
+        lr=3e-3, dropout=0.1,
+    ),  # fmt: skip
+    "transformer-15m": dict(
+        _SHAKESPEARE, model="transformer", max_seconds=900.0, block_size=256, n_layer=6, n_head=6, n_embd=192, seq_len=256, batch_size=16,
+        lr=2e-3, dropout=0.2,
+    ),  # fmt: skip
+    # Sized for one H100 and 60 s (unmeasured until a GPU run is seen; README): 7.6M parameters, two stacks (R 511),
+    # 64 x 1024 targets a step (about 3.5 TFLOP of matmul), bf16, compiled with CUDA graphs (reduce-overhead).
+    "shakespeare-gpu": dict(
+        _SHAKESPEARE, max_seconds=60.0, batch_size=64, seq_len=1024, n_embd=256, n_hidden=256, n_skip=512, n_levels=8, stacks=2,
+        dropout=0.25, lr=3e-3, grad_clip=1.0, dtype="bfloat16", compile=True, compile_mode="reduce-overhead",
+    ),  # fmt: skip
+    # The best names model we could train in 10 minutes on our 2-core CPU: the gated block over whole names (context 16).
+    "names-best": dict(
+        model="gated", layout="sequences", n_levels=4, n_embd=96, n_hidden=96, n_skip=192, dropout=0.3, batch_size=64,
+        optimizer="adamw", lr=3e-3, min_lr=1e-5, schedule="cosine", warmup=0.02, weight_decay=0.1, max_steps=1_000_000,
+        max_seconds=600.0, eval_interval=500, eval_iters=20, log_interval=100, checkpoint_interval=10_000_000,
+    ),  # fmt: skip
+    # Earlier rows of lecture 5's log (val loss the lecture reports).
+    "mlp3": dict(model="mlp", block_size=3, n_embd=10, n_hidden=200),  # 12K params: 2.105
+    "mlp8": dict(model="mlp", block_size=8, n_embd=10, n_hidden=200),  # 22K params: 2.027
+    "wavenet22k": dict(n_embd=10, n_hidden=68),  # 22K params, with the 3-D BatchNorm: 2.022
+    # Lectures 1 and 2: counts, and the bigram as one linear layer.
+    "bigram": dict(model="ngram", n=2, max_steps=0),
+    "trigram": dict(model="ngram", n=3, max_steps=0),
+    "bigram-nn": dict(model="neural-bigram", max_steps=0),
+}

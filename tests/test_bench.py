@@ -1,0 +1,57 @@
+"""The benchmark harness: interleaved timing, its statistics, and a report that fits a GPU lease's 8 files.
+
+The benchmarks themselves run in CI through ``python -m bench --quick`` and ``bash bench/gpu.sh
+--dry-run`` (.ci/run); these check the pieces whose mistakes would not crash those runs.
+"""
+
+import json
+
+import torch
+
+from bench import report, timing
+
+
+def test_interleaved_alternates_the_implementations_and_rotates_the_first():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = timing.interleaved(fns, torch.device("cpu"), budget_s=0.0, min_rounds=4, max_rounds=4)
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    timed = calls[3:]  # after one warm-up call each
+    rounds = [timed[i : i + 3] for i in range(0, 12, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # each round calls each implementation once
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a"]  # the first of a round rotates
+
+
+def test_stats_match_the_definitions():
+    s = timing.stats([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert s["median"] == 3.0 and s["min"] == 1.0 and s["max"] == 5.0 and s["rounds"] == 5
+    assert s["q1"] <= s["median"] <= s["q3"] and s["iqr"] == s["q3"] - s["q1"]
+    entry = timing.record("g", "x", [1.0, 1.0, 1.0])
+    assert entry["extra_info"]["spread_pct"] == 0.0
+
+
+def sweep_entries(group: str, paths: list[str], sizes: list[int]) -> list[dict]:
+    entries = []
+    for p in paths:
+        for b in sizes:
+            entry = timing.record(group, f"{p} [{b}]", [0.01 * b, 0.011 * b, 0.012 * b], path=p, block_size=b, baseline=p == paths[0])
+            entry["extra_info"]["positions_per_s"] = round(1 / entry["stats"]["median"])
+            entries.append(entry)
+    return entries
+
+
+def test_report_stays_within_a_leases_files_and_lists_what_was_not_measured(tmp_path):
+    benchmarks = []
+    for group in ["wavenet fwd+bwd, float32", "wavenet fwd, bfloat16", "gated fwd+bwd, float32", "cross-entropy forward", "x one", "y two", "z three"]:
+        benchmarks += sweep_entries(group, ["windows", "conv"], [8, 64])
+    benchmarks.append(timing.skipped("wavenet fwd, bfloat16", "conv [4096]", "out of time budget", path="conv", block_size=4096))
+    benchmarks.append(timing.record("training step", "eager", [0.5, 0.6], path="eager", case="lecture", tokens_per_s=64))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"machine_info": {}, "benchmarks": benchmarks}))
+    written = report.write(results, tmp_path)
+    assert len(written) + 1 <= 8  # with results.json
+    assert len([p for p in written if p.suffix == ".png"]) <= report.MAX_PNGS
+    assert all(p.exists() for p in written)
+    md = (tmp_path / "results.md").read_text()
+    assert "conv [4096]: out of time budget" in md
+    assert "wavenet fwd+bwd, float32" in md and "z three" in md  # every group has its table, plotted or not
