@@ -92,6 +92,7 @@ def run_summary(run: Path) -> dict:
     model, state = load_model(run)
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     final = next(r for r in reversed(records) if "final" in r)
+    run_info = next((r["run"] for r in records if "run" in r), {})
     return {
         "run": str(run),
         "model": state["config"]["model"],
@@ -102,6 +103,8 @@ def run_summary(run: Path) -> dict:
         "train": final["final"].get("train"),
         "own_val": final["final"].get("val"),
         "estimates": [(r["time"], r["estimate"]["val"]) for r in records if "estimate" in r and r["time"] > 0],
+        "device": run_info.get("device"),  # where and in what dtype it trained (metrics.jsonl's first record)
+        "dtype": run_info.get("dtype"),
     }
 
 

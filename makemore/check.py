@@ -148,15 +148,19 @@ def _window_loop(model, S, Y):
     return logits, model.loss(logits, Y)
 
 
-def _cached(model, S, Y):
-    """The first window by prefill, then one step per further token."""
+def cached_logits(model, S: torch.Tensor) -> torch.Tensor:
+    """The first window by prefill, then one step per further token: (N, T, V)."""
     R = model.receptive_field
     logits, cache = model.prefill(S[:, :R])
     steps = [logits]
     for t in range(R, S.shape[1]):
         logits, cache = model.step(S[:, t], cache)
         steps.append(logits)
-    logits = torch.stack(steps, 1)
+    return torch.stack(steps, 1)
+
+
+def _cached(model, S, Y):
+    logits = cached_logits(model, S)
     return logits, model.loss(logits, Y)
 
 

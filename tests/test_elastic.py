@@ -150,9 +150,9 @@ def free_port() -> int:
 
 
 def readme_cluster_command() -> list[str]:
-    """The README's cluster command (Reliability section), as a list of arguments."""
+    """The README's cluster command (section "More than one process"), as a list of arguments."""
     found = re.search(r"^torchrun --nnodes 2 --nproc-per-node 1 .*$", README.read_text(), re.MULTILINE)
-    assert found, "the README's Reliability section shows the cluster command"
+    assert found, "the README's section 'More than one process' shows the cluster command"
     return shlex.split(found[0])
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from makemore.check import cached_logits
 from makemore.data import IGNORE_INDEX
 from makemore.models import Transformer, TransformerConfig
 
@@ -33,17 +34,6 @@ def make(block_size, n_layer, seed=0, vocab_size=11, **kw) -> Transformer:
         for name, p in model.named_parameters():
             p.copy_(1 + 0.3 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[-1] ** 0.5)
     return model
-
-
-def cached_logits(model, S: torch.Tensor) -> torch.Tensor:
-    """The first window by prefill, then one step per further token: (N, T, V)."""
-    R = model.receptive_field
-    logits, cache = model.prefill(S[:, :R])
-    steps = [logits]
-    for t in range(R, S.shape[1]):
-        logits, cache = model.step(S[:, t], cache)
-        steps.append(logits)
-    return torch.stack(steps, 1)
 
 
 def reference(model: Transformer, idx: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""The results table is generated (bench/results.py): from run records, race and study JSON, into README and docs/results.md."""
+
+import json
+from pathlib import Path
+
+from bench import results
+from makemore.cli import main as makemore
+
+BEGIN, END = results.BEGIN, results.END
+
+
+def repo(tmp_path: Path, records: dict) -> Path:
+    """A repository with runs.json ``records``, a 60 s race, a context study, a benchmark report and a README to fill."""
+    root = tmp_path / "repo"
+    (root / "docs/results").mkdir(parents=True)
+    (root / "docs/race").mkdir()
+    (root / "docs/scaling").mkdir()
+    (root / "docs/benchmarks").mkdir()
+    (root / results.RUNS_JSON).write_text(json.dumps({"records": records}))
+    machine = {"cpu": "Test CPU", "cores": 2, "gpu": None, "load_average": [0.25, 0.5, 1.0]}
+    race = {"command": "python -m bench.race --data tinyshakespeare --budget 60", "date": "2026-11-27", "machine": machine, "budget": 60.0, "rows": [
+        {"recipe": "shakespeare-60s", "model": "gated", "params": 255489, "steps": 3079, "train_seconds": 60.003, "train": 1.30807, "own_val": 1.61149,
+         "val": 1.61149, "val_targets": 111284, "device": "cpu", "dtype": "bfloat16"},
+        {"recipe": "transformer-60s", "model": "transformer", "params": 795904, "steps": 1019, "train_seconds": 60.04, "train": 1.51167, "own_val": 1.70213,
+         "val": 1.70241, "val_targets": 111284},
+    ]}  # fmt: skip
+    (root / "docs/race/race-60s.json").write_text(json.dumps(race))
+    scaling = {"command": "python -m bench.scaling", "date": "2026-11-28", "machine": machine, "budget": 180.0, "loss": [
+        {"recipe": "shakespeare-3m", "model": "gated", "R": 1024, "params": 600000, "steps": 900, "train_seconds": 180.0, "train": 1.4, "val": 1.55561, "val_targets": 100000},
+    ], "speed": []}  # fmt: skip
+    (root / "docs/scaling/scaling.json").write_text(json.dumps(scaling))
+    (root / "docs/benchmarks/results.json").write_text(json.dumps({"date": "2026-11-26T10:00:00+00:00", "device": "CPU", "command": "python -m bench --budget 480"}))
+    (root / "README.md").write_text(f"# project\n\nintro\n\n{BEGIN}\n| stale | table |\n{END}\n\n## after\n")
+    return root
+
+
+def block(text: str) -> str:
+    return text.split(BEGIN)[1].split(END)[0]
+
+
+def test_the_table_holds_every_record_race_and_study_row_and_check_catches_a_stale_readme(tmp_path, capsys):
+    record = {"recipe": "fast", "model": "wavenet", "params": 76579, "steps": 600, "train_seconds": 10.0, "train": 1.99, "val": "2.036–2.064",
+              "test": 2.0501, "device": "cpu", "dtype": "float32", "machine": "Test CPU, 2 cores", "date": "2026-11-23",
+              "command": "makemore train --recipe fast", "source": "recorded before bench.results existed", "notes": "6 runs"}  # fmt: skip
+    root = repo(tmp_path, {"fast": record})
+    assert results.main(["--check", "--root", str(root)]) == 1
+    assert "README.md" in capsys.readouterr().err
+
+    assert results.main(["--root", str(root), "--runs", str(tmp_path / "no-runs")]) == 0
+    readme = (root / "README.md").read_text()
+    assert readme.startswith("# project\n\nintro\n\n") and readme.endswith(f"{END}\n\n## after\n")  # only the block changed
+    rows = [line for line in block(readme).splitlines() if line.startswith("| `")]
+    assert rows == [
+        "| `fast` | wavenet | 76,579 | 600 | 10 s | 1.9900 | **2.036–2.064** | 2.0501 | cpu, float32 | Test CPU, 2 cores | 2026-11-23 † "
+        "| `makemore train --recipe fast` | 6 runs |",
+        "| `shakespeare-60s`, race 60 s | gated | 255,489 | 3,079 | 60 s | 1.3081 | **1.6115** | — | cpu, bfloat16 | Test CPU, 2 cores, load 0.2 at the start "
+        "| 2026-11-27 | `python -m bench.race --data tinyshakespeare --budget 60` "
+        "| race at 60 s against transformer-60s: val on the same 111,284 targets (the run's own val 1.6115) |",
+        "| `transformer-60s`, race 60 s | transformer | 795,904 | 1,019 | 60 s | 1.5117 | **1.7024** | — | cpu | Test CPU, 2 cores, load 0.2 at the start "
+        "| 2026-11-27 | `python -m bench.race --data tinyshakespeare --budget 60` "
+        "| race at 60 s against shakespeare-60s: val on the same 111,284 targets (the run's own val 1.7021) |",
+        "| `shakespeare-3m` at R 1,024 | gated | 600,000 | 900 | 180 s | 1.4000 | **1.5556** | — | cpu | Test CPU, 2 cores | 2026-11-28 "
+        "| `python -m bench.scaling` | context study at 180 s: val on the same 100,000 targets |",
+    ]
+    assert "`python -m bench --budget 480` on CPU" in block(readme) and "2026-11-26" in block(readme)
+    assert "](docs/benchmarks/results.md)" in block(readme)
+    page = (root / results.RESULTS_MD).read_text()  # the same table, its link relative to docs/
+    assert block(readme).replace("](docs/benchmarks/", "](benchmarks/") in page
+    assert results.main(["--check", "--root", str(root)]) == 0
+
+    (root / results.RESULTS_MD).write_text("edited by hand\n")
+    assert results.main(["--check", "--root", str(root)]) == 1
+
+
+def test_a_finished_recipe_run_replaces_its_record_and_other_runs_are_skipped(tmp_path, capsys):
+    root = repo(tmp_path, {"bigram": {"recipe": "bigram", "val": 9.0, "command": "makemore train --recipe bigram"}})
+    runs, other = tmp_path / "runs", tmp_path / "other"
+    assert makemore(["train", "--recipe", "bigram", "--out", str(runs / "bigram")]) == 0
+    assert makemore(["train", "--recipe", "bigram", "--seed", "3", "--out", str(other / "bigram")]) == 0  # not the recipe's run
+    assert makemore(["train", "--recipe", "bigram", "--out", str(other / "mine")]) == 0  # not named after a recipe
+    final = json.loads((runs / "bigram/metrics.jsonl").read_text().splitlines()[-1])["final"]
+    capsys.readouterr()
+
+    assert results.main(["--root", str(root), "--runs", str(runs), "--runs", str(other)]) == 0
+    said = capsys.readouterr().out
+    assert "trained with --seed other than the recipe bigram's" in said and "mine: not named after a recipe" in said
+    record = json.loads((root / results.RUNS_JSON).read_text())["records"]["bigram"]
+    assert (record["val"], record["test"], record["model"], record["steps"]) == (final["val"], final["test"], "ngram", 0)
+    assert record["command"] == f"makemore train --recipe bigram --out {runs / 'bigram'}" and record["device"] == "cpu"
+    assert f"| **{final['val']:.4f}** |" in block((root / "README.md").read_text())
+
+
+def test_a_readme_without_the_markers_is_one_line_and_exit_2(tmp_path, capsys):
+    root = repo(tmp_path, {})
+    (root / "README.md").write_text("# no markers\n")
+    assert results.main(["--root", str(root), "--runs", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and BEGIN in err
