@@ -53,7 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.is_main_process():
             print(f"makemore train: {e}; {args.out_dir / CHECKPOINT} keeps the last checkpoint written, if any: continue with: {_resume_command(args.out_dir)}", file=sys.stderr)
         return 128 + e.signum
-    except (DataError, CheckpointError, ValueError, TypeError, FloatingPointError, LostPeerError) as e:
+    except LostPeerError as e:
+        print(f"makemore {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        # Exit now, past the interpreter's shutdown: the broken gloo group's C++ destructors can abort the
+        # process there ("terminate called without an active exception"), and torchrun would then report this
+        # rank, not the lost one, as the root cause. The lock and the checkpoint are settled by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_BAD_INPUT)
+    except (DataError, CheckpointError, ValueError, TypeError, FloatingPointError) as e:
         print(f"makemore {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # a path that cannot be read or written (permissions, a full disk), wherever it was met

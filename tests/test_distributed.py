@@ -219,8 +219,12 @@ def test_a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes(tmp_path):
             job.kill()
             job.communicate()
     assert job.returncode != 0 and time.monotonic() - killed < 120
-    root_cause = err.split("Root Cause (first observed failure):")[1]
-    assert "rank      : 1" in root_cause and "Signal 9 (SIGKILL)" in root_cause, err
+    # torchrun lists every rank that ended: rank 1 by SIGKILL, and rank 0 (if it noticed first) by its own clean
+    # exit 2, never an abort. Which of the two torchrun calls the "root cause" is a race of its monitor, not ours.
+    failures = err.split("Failures:")[-1].split("[")[1:]
+    reports = {int(f.split("rank      : ")[1].split()[0]): f for f in failures if "rank      : " in f}
+    assert 1 in reports and "Signal 9 (SIGKILL)" in reports[1], err
+    assert 0 not in reports or "exitcode  : 2" in reports[0], err
     # Rank 0 says so in one line if it notices before torchrun stops it, and never with a traceback.
     for line in err.splitlines():
         if "makemore train: error:" in line:
