@@ -197,26 +197,9 @@ def race_rows(path: Path) -> list[dict]:
     rows = []
     for r in data["rows"]:
         others = [o["recipe"] for o in data["rows"] if o is not r]
-        rows.append(
-            {
-                "recipe": f"`{r['recipe']}`, race {data.get('budget', 0):g} s",
-                "recipe_is_name": False,
-                "model": r.get("model"),
-                "params": r.get("params"),
-                "steps": r.get("steps"),
-                "train_seconds": round(r["train_seconds"], 1) if r.get("train_seconds") is not None else None,
-                "train": r.get("train"),
-                "val": r.get("val"),
-                "test": None,
-                "device": r.get("device") or ("cuda" if m.get("gpu") else "cpu"),
-                "dtype": r.get("dtype"),
-                "machine": machine,
-                "date": data.get("date"),
-                "command": data.get("command"),
-                "notes": f"race at {data.get('budget', 0):g} s against {', '.join(others)}: val on the same {r.get('val_targets', 0):,} targets"
-                + (f" (the run's own val {r['own_val']:.4f})" if r.get("own_val") is not None else ""),
-            }
-        )
+        notes = f"race at {data.get('budget', 0):g} s against {', '.join(others)}: val on the same {r.get('val_targets', 0):,} targets"
+        notes += f" (the run's own val {r['own_val']:.4f})" if r.get("own_val") is not None else ""
+        rows.append(_study_row(r, data, machine, f"`{r['recipe']}`, race {data.get('budget', 0):g} s", notes))
     return rows
 
 
@@ -225,25 +208,31 @@ def scaling_rows(path: Path) -> list[dict]:
     m = data.get("machine", {})
     machine = f"{m.get('gpu') or m.get('cpu', '?')}, {m.get('cores', '?')} cores"
     return [
-        {
-            "recipe": f"`{r['recipe']}` at R {r['R']:,}",
-            "recipe_is_name": False,
-            "model": r.get("model"),
-            "params": r.get("params"),
-            "steps": r.get("steps"),
-            "train_seconds": round(r["train_seconds"], 1) if r.get("train_seconds") is not None else None,
-            "train": r.get("train"),
-            "val": r.get("val"),
-            "test": None,
-            "device": r.get("device") or ("cuda" if m.get("gpu") else "cpu"),
-            "dtype": r.get("dtype"),
-            "machine": machine,
-            "date": data.get("date"),
-            "command": data.get("command"),
-            "notes": f"context study at {data.get('budget', 0):g} s: val on the same {r.get('val_targets', 0):,} targets",
-        }
+        _study_row(r, data, machine, f"`{r['recipe']}` at R {r['R']:,}", f"context study at {data.get('budget', 0):g} s: val on the same {r.get('val_targets', 0):,} targets")
         for r in data.get("loss", [])
     ]
+
+
+def _study_row(r: dict, data: dict, machine: str, recipe: str, notes: str) -> dict:
+    """One table row from a race's or the context study's run ``r`` (no test split: both evaluate on val)."""
+    return {
+        "recipe": recipe,
+        "recipe_is_name": False,
+        "model": r.get("model"),
+        "params": r.get("params"),
+        "steps": r.get("steps"),
+        "train_seconds": round(r["train_seconds"], 1) if r.get("train_seconds") is not None else None,
+        "train": r.get("train"),
+        "val": r.get("val"),
+        "test": None,
+        "device": r.get("device") or ("cuda" if data.get("machine", {}).get("gpu") else "cpu"),
+        "dtype": r.get("dtype"),
+        "machine": machine,
+        "date": data.get("date"),
+        "command": data.get("command"),
+        "notes": notes,
+    }
+
 
 
 def benchmark_line(path: Path, docs: str) -> str:
