@@ -75,6 +75,13 @@ def reference(tmp_path_factory):
     return make
 
 
+def torchrun_script(script, source: str, *torchrun_flags: str) -> tuple[list[str], dict]:
+    """torchrun running ``source`` (a wrapper around makemore's CLI, written to ``script``) as ``... train``."""
+    script.write_text(source)
+    command, env = torchrun_command()
+    return [*command[: command.index("-m", 3)], *torchrun_flags, str(script), "train"], env
+
+
 SLOW = """
 import sys, time
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -85,11 +92,9 @@ raise SystemExit(main(sys.argv[1:]))
 
 
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path, reference):
-    script = tmp_path / "slow_steps.py"
-    script.write_text(SLOW)
     out = tmp_path / "preempted"
-    command, env = torchrun_command()
-    command = [*command[: command.index("-m", 3)], str(script), "train", *map(str, flags(TINY)), "--max-steps", "20"]
+    command, env = torchrun_script(tmp_path / "slow_steps.py", SLOW)
+    command += [*map(str, flags(TINY)), "--max-steps", "20"]
     command += ["--checkpoint-interval", str(10**6), *REPORTING, "--out", str(out)]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -129,12 +134,9 @@ raise SystemExit(main(sys.argv[1:]))
 
 
 def test_a_rank_killed_mid_run_is_restarted_from_the_last_checkpoint_and_ends_as_the_uninterrupted_run(tmp_path, reference):
-    script = tmp_path / "kill_rank_1_once.py"
-    script.write_text(KILLER)
     out = tmp_path / "elastic"
-    command, env = torchrun_command()
-    command = [*command[: command.index("-m", 3)], "--max-restarts", "1", str(script), "train", "--resume", "auto"]
-    command += [*map(str, flags(TINY)), "--max-steps", "20", "--checkpoint-interval", "5", *REPORTING, "--out", str(out)]
+    command, env = torchrun_script(tmp_path / "kill_rank_1_once.py", KILLER, "--max-restarts", "1")
+    command += ["--resume", "auto", *map(str, flags(TINY)), "--max-steps", "20", "--checkpoint-interval", "5", *REPORTING, "--out", str(out)]
     result = run(command, env)
     assert result.returncode == 0, result.stderr
     # Rank 1 was SIGKILLed; torchrun restarts the group on the first failure its monitor sees: rank 1's SIGKILL,
