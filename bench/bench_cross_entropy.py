@@ -22,7 +22,7 @@ buffers, both for forward + backward. Cells run largest V first, so a short budg
 sizes that matter most for bandwidth.
 
 The crossover (measured first, in a quarter of the budget): forward + backward of the fused path (the Triton kernel on CUDA, the fallback on
-CPU) against F.cross_entropy over sizes from 2^12 to 2^22 logits at V = 27 and 65, in cache (as
+CPU) against F.cross_entropy over sizes from 2^12 to 2^24 logits at V = 27 and 65, in cache (as
 a training step's logits are). Its ``crossover`` entry is the smallest size from which the fused
 path is never slower; ``cuda_aten_below`` (on CUDA) is the value to give
 kernels/loss.py's CUDA_ATEN_BELOW, ``aten_below`` on CPU its ATEN_BELOW.
@@ -44,7 +44,7 @@ VOCABS = [27, 65, 256, 32768, 131072]
 QUICK_VOCABS = [27, 256]
 PHASES = {"forward": 1, "forward+backward": 3}  # passes over (N, V) the fastest kernels move
 CROSSOVER_VOCABS = (27, 65)
-CROSSOVER_SIZES = [1 << k for k in range(12, 23)]  # logits per call
+CROSSOVER_SIZES = [1 << k for k in range(12, 25)]  # logits per call (2^24 fp32: 64 MiB, past an H100's L2)
 COMPILE_BUDGET_S = 20.0  # a cell's torch.compile build is tried only with this much time left
 
 
@@ -119,12 +119,17 @@ def _compiled(v: int, deadline: Deadline):
 
 
 CROSSOVER_SHARE = 0.25  # of the budget, spent first: the crossover sets CUDA_ATEN_BELOW
+ROW_TILE_SHARE = 0.1  # then, on CUDA, the Triton kernel's elements per program at small V
+ROW_TILES = (1024, 2048, 4096, 8192)
+ROW_TILE_VOCABS = (27, 65, 256)
 
 
 def sweep(device: torch.device, budget_s: float, quick: bool = False, peaks: dict | None = None) -> list[dict]:
     """The whole suite within ``budget_s`` seconds: the crossover, then the cells."""
     started = time.perf_counter()
     records = crossover(device, 0.0 if quick else CROSSOVER_SHARE * budget_s, quick)
+    if device.type == "cuda":
+        records += row_tiles(device, 0.0 if quick else ROW_TILE_SHARE * budget_s, quick)
     deadline = Deadline(budget_s - (time.perf_counter() - started))
     # Largest V first, forward + backward first: the cells that matter most get measured within a short budget.
     cells = [(v, phase) for v in sorted(QUICK_VOCABS if quick else VOCABS, reverse=True) for phase in reversed(PHASES)]
@@ -174,6 +179,43 @@ def sweep(device: torch.device, budget_s: float, quick: bool = False, peaks: dic
                 info["nv_buffers"] = round(info["peak_mib"] / (n * v * 4 / 2**20), 2)
             records.append(entry)
         del buffers, overwritten, fns
+    return records
+
+
+def row_tiles(device: torch.device, budget_s: float, quick: bool = False) -> list[dict]:
+    """The Triton path's forward + backward at small V beyond L2, for each ROW_TILE (elements a program holds).
+
+    On the first H100 run (2026-11-27) V = 27, 65 and 256 all moved about 330 GB/s (12% of the copy)
+    with 1,024 elements a program, and the time hardly changed with V: too few bytes in flight per SM
+    is the suspect, and a larger tile the first thing to try. The row with the best median is the
+    value for kernels/_triton.py's ROW_TILE.
+    """
+    from makemore.kernels import _triton  # launch_config reads ROW_TILE at each call
+
+    deadline, records, default = Deadline(budget_s), [], _triton.ROW_TILE
+    for i, v in enumerate(ROW_TILE_VOCABS):
+        if deadline.left() <= 0 and not quick:
+            break
+        n = rows_for(v, device, quick)
+        buffers = Buffers(n, v, device, quick)
+
+        def with_tile(row_tile):
+            def run():
+                _triton.ROW_TILE = row_tile
+                call(partial(cross_entropy, backend="triton"), buffers, "forward+backward")()
+
+            return run
+
+        fns = {f"ROW_TILE {t}": with_tile(t) for t in ROW_TILES}
+        try:
+            times = interleaved(fns, device, deadline.share(len(ROW_TILE_VOCABS) - i), min_rounds=1 if quick else 3, max_rounds=2 if quick else 50, flush=True)
+        finally:
+            _triton.ROW_TILE = default
+        for name, seconds in times.items():
+            entry = record(f"cross-entropy row tile, V = {v}, forward+backward", name, seconds, path=name, v=v, n=n, device=str(device))
+            entry["extra_info"]["gbps_at_floor"] = round(3 * n * v * 4 / entry["stats"]["median"] / 1e9, 1)
+            records.append(entry)
+        del buffers
     return records
 
 

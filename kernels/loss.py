@@ -77,11 +77,12 @@ BACKEND_ENV = "MAKEMORE_XENT_BACKEND"
 # bench/bench_cross_entropy.py measures both sides (the README has the figures).
 ATEN_BELOW = 1 << 22
 
-# The same line on CUDA, where problems too small to fill the GPU (makemore's 32 x 27) are
-# dominated by launch and Python overhead. PROVISIONAL until measured: bench/gpu.sh runs
-# bench.bench_cross_entropy.crossover (forward + backward of the Triton path against
-# F.cross_entropy over sizes at V = 27 and 65) and prints the size to set here.
-CUDA_ATEN_BELOW = 1 << 16
+# The same line on CUDA. Measured on an H100 (bench/gpu.sh, 2026-11-27; docs/results/gpu): forward +
+# backward in cache at V = 27 and 65, F.cross_entropy was faster at every size from 2^12 to 2^22
+# logits (the Triton path at 0.31-0.40x: its Python and launches outweigh the traffic it saves);
+# beyond L2 (2.5e7 logits) the Triton path won at V = 27 (2.2x) and 65 (1.2x). The line sits at
+# the next power of two past the last size measured; the crossover between is not yet measured.
+CUDA_ATEN_BELOW = 1 << 23
 
 
 # --- checks ---------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ half-written temporary file is removed by the next run.
 import contextlib
 import ctypes
 import json
+import math
 import os
 import signal
 import sys
@@ -297,7 +298,8 @@ def _keep_freed_memory() -> None:
 
 
 def _compiled(model, source, config: TrainConfig, autocast, device):
-    """torch.compile(model), compiled now on one batch outside the training clock; the eager model where it cannot compile."""
+    """torch.compile(model), compiled now on one batch outside the training clock; the eager model where it
+    cannot compile, or where the compiled model fails ``_follows_its_parameters``."""
     saved = {k: v.clone() for k, v in model.state_dict().items()}  # the warm-up step moves BatchNorm's running statistics
     try:
         compiled = torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
@@ -305,13 +307,40 @@ def _compiled(model, source, config: TrainConfig, autocast, device):
         with autocast:
             _, loss = compiled(batch.idx, batch.targets)
         loss.backward()
+        reason = _follows_its_parameters(model, compiled, batch, autocast)
     except Exception as e:  # noqa: BLE001 - any compiler failure: say so and train eagerly
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"makemore: --compile failed ({reason[:200]}); training without compilation", file=sys.stderr)
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    if reason:
+        print(f"makemore: --compile failed ({reason}); training without compilation", file=sys.stderr)
         compiled = model
     model.zero_grad(set_to_none=True)
     model.load_state_dict(saved)
     return compiled
+
+
+def _follows_its_parameters(model, compiled, batch, autocast) -> str | None:
+    """Why the compiled model cannot be trained, or None: it must see its parameters change in place.
+
+    On an H100 (torch 2.11, 2026-11-27) the compiled gated WaveNet trained to nothing, its loss staying
+    at the first step's while eager training learned (docs/results/gpu). With every parameter zeroed in
+    place, each model here gives logits 0 whatever its dropout draws: the loss is exactly ln V and the
+    output bias's gradient is the same in eager and compiled runs. A compiled graph that kept the old
+    weights fails this. (Startup only: the one host read here is outside the training clock.)
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    grads = []
+    for run in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            logits, loss = run(batch.idx, batch.targets)
+        loss.backward()
+        grads.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).float().flatten() for p in model.parameters()]))
+    uniform = math.log(logits.shape[-1])
+    if not abs(loss.item() - uniform) < 1e-3 or not torch.allclose(grads[0], grads[1], rtol=1e-2, atol=1e-4):
+        return f"the compiled model does not follow its parameters: with all of them 0 its loss is {loss.item():.4f}, not ln V = {uniform:.4f}, or its gradient differs from eager"
+    return None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
