@@ -29,7 +29,7 @@ CASES = {
         data="tinyshakespeare", layout="sequences", block_size=256, seq_len=256, batch_size=8, optimizer="adamw", lr=1e-3, fused=True
     ),
     "gated, R 256, width 64": dict(RECIPES["shakespeare-60s"], n_embd=64, n_hidden=64, n_skip=128, n_levels=8),
-    "gated, R 512, shakespeare-15m": dict(RECIPES["shakespeare-15m"]),
+    "gated, R 256, shakespeare-15m": dict(RECIPES["shakespeare-15m"]),
     "gated, R 1024, width 64": dict(RECIPES["shakespeare-60s"], n_embd=64, n_hidden=64, n_skip=128, n_levels=10),
     "shakespeare-gpu": dict(RECIPES["shakespeare-gpu"]),
 }

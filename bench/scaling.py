@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     given = argv if argv is not None else sys.argv[1:]
-    command = "python -m bench.scaling " + " ".join(given)
+    command = " ".join(["python -m bench.scaling", *given])
     started = machine()
     loss_rows = [] if args.only == "speed" else loss_study(args.budget, QUICK_LOSS_FIELDS if args.quick else LOSS_FIELDS, args.runs, args.quick)
     speed_rows = (
