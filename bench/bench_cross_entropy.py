@@ -199,10 +199,12 @@ def row_tiles(device: torch.device, budget_s: float, quick: bool = False) -> lis
         n = rows_for(v, device, quick)
         buffers = Buffers(n, v, device, quick)
 
+        step = call(partial(cross_entropy, backend="triton"), buffers, "forward+backward")
+
         def with_tile(row_tile):
             def run():
                 _triton.ROW_TILE = row_tile
-                call(partial(cross_entropy, backend="triton"), buffers, "forward+backward")()
+                step()
 
             return run
 
