@@ -136,12 +136,10 @@ class _DilatedGated(torch.autograd.Function):
             C, G = x.shape[1], weight.shape[1] // 2
             y = torch.addmm(bias.to(dtype), xc[:-d], w[:C]).addmm_(xc[d:], w[C:])  # (M - d, 2G)
             t, s = torch.tanh(y[:, :G]), torch.sigmoid(y[:, G:])
-            z = t * s
-            keep = torch.empty_like(z).bernoulli_(1 - p) if p else None  # dropout: 0 or 1, then 1 / (1 - p)
-            if keep is not None:
-                z.mul_(keep).mul_(1 / (1 - p))
+            keep = torch.empty_like(t).bernoulli_(1 - p) if p else None  # dropout: 0 or 1, then 1 / (1 - p)
+            z = t * s if keep is None else torch.mul(t * s, keep.mul_(1 / (1 - p)))  # a fresh tensor: docs/models.md#autograd-functions
             x_next = None if res is None else add_matmul(x[d:], z, res)
-        ctx.d, ctx.p, ctx.dtypes = d, p, (x.dtype, weight.dtype, bias.dtype)
+        ctx.d, ctx.dtypes = d, (x.dtype, weight.dtype, bias.dtype)
         ctx.save_for_backward(xc, w, res, t, s, z, keep)
         return z, x_next
 
@@ -158,7 +156,7 @@ class _DilatedGated(torch.autograd.Function):
                 d_res = (z.T @ dxn).to(w_dtype)  # (G, C)
                 dz = torch.addmm(dz, dxn, res_weight.T)
             if keep is not None:
-                dz = dz * keep * (1 / (1 - ctx.p))
+                dz = dz * keep  # keep holds 0 or 1 / (1 - p)
             dy_f = torch.ops.aten.tanh_backward(dz * s, t)  # * (1 - t^2)
             dy_g = torch.ops.aten.sigmoid_backward(dz * t, s)  # * s (1 - s)
             dy = torch.cat([dy_f, dy_g], dim=1)  # (M - d, 2G)
