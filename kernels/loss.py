@@ -42,6 +42,12 @@ inside torch.compile, where the same device-side assert runs. ``cross_entropy`` 
 ``torch.compile(fullgraph=True)``: the aten path and the fallback as torch ops, the Triton
 launches as custom ops (kernels/_triton.py).
 
+The autograd Function returns only fresh results of out-of-place ops: never a tensor an in-place
+op produced, nor a no-op ``.to()`` / ``.view()`` chain ending in another traced node. Dynamo in
+torch 2.11 returns every intermediate of a traced Function as an extra output, and where the
+returned tensor is one of them autograd hands its gradient to the wrong slot: it arrives as zeros
+(pytorch/pytorch#180642).
+
 Vectorised loads: Triton emits 16-byte loads only where it can prove a row starts 16-byte
 aligned and the load mask is constant over each 16 bytes, which it learns from the launcher's
 integer specialisation (stride and V divisible by 16). At V = 50,257 neither holds, so loads are
@@ -260,10 +266,12 @@ class _CrossEntropy(torch.autograd.Function):
             ctx.grad = grad if logits.dim() == 2 else grad.view(logits.shape)
         elif want_grad:
             ctx.save_for_backward(x, t, stats)
+        # A fresh result of an out-of-place op, never a no-op .to() (see the module docstring).
         if reduction == "none":
-            return rows.view(target.shape).to(logits.dtype)
-        total = rows.sum()
-        return (total if count is None else total / count).to(logits.dtype)  # 0 / 0: nan, as PyTorch
+            loss = rows.view(target.shape)
+        else:
+            loss = rows.sum() if count is None else rows.sum() / count  # 0 / 0: nan, as PyTorch
+        return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
