@@ -5,6 +5,12 @@ _SHAKESPEARE = dict(
     warmup=0.02, weight_decay=0.1, max_steps=1_000_000, eval_interval=250, eval_iters=10, log_interval=50, checkpoint_interval=10_000_000,
 )  # fmt: skip
 
+# One GPU, 60 s: bf16, compiled, rows of 1,024 targets, the val estimated every 250 steps (the best estimate's
+# weights kept beside the last); the warm-up is nanoGPT's 100 of 5,000 steps as a share of the run.
+_GPU = dict(
+    _SHAKESPEARE, max_seconds=60.0, batch_size=64, seq_len=1024, lr=3e-3, grad_clip=1.0, dtype="bfloat16", compile=True
+)
+
 RECIPES = {
     # Lecture 5's run: hierarchical WaveNet, n_embd 24, n_hidden 128, 76,579 parameters, SGD 200k steps: val 1.993.
     # float32 on every machine: the notebook's arithmetic, bit for bit.
@@ -38,14 +44,28 @@ RECIPES = {
         _SHAKESPEARE, model="transformer", max_seconds=900.0, block_size=256, n_layer=6, n_head=6, n_embd=192, seq_len=256, batch_size=16,
         lr=2e-3, dropout=0.2,
     ),  # fmt: skip
-    # Sized for one H100 and 60 s: 7.6M parameters, two stacks (R 511), 64 x 1024 targets a step, bf16, eager.
-    # First H100 run (2026-11-27, docs/results/gpu): 1.27M tokens/s eager, and in 60 s it memorised the training
-    # split (train 0.13, val 2.44); compiled, this model trained to nothing (tests/test_compile_train.py), so
-    # the recipe runs eagerly. Still to tune on a GPU, with the val curve bench/gpu.sh now records.
+    # One H100, 60 s of training: the WaveNet that memorised its training split there, eager (docs/recipes.md#on-a-gpu).
+    # The winner of the GPU race among the candidates below takes its place.
     "shakespeare-gpu": dict(
         _SHAKESPEARE, max_seconds=60.0, batch_size=64, seq_len=1024, n_embd=256, n_hidden=256, n_skip=512, n_levels=8, stacks=2,
         dropout=0.25, lr=3e-3, grad_clip=1.0, dtype="bfloat16",
     ),  # fmt: skip
+    # The GPU race (python -m bench.race --device cuda --budget 60 --recipes transformer-gpu,shakespeare-gpu-a,...):
+    # nanoGPT's shakespeare_char model (its 64 x 256 targets a step as 16 rows of 1,024: each row also computes the
+    # R - 1 positions of context before its first target) against WaveNets kept from memorising (docs/recipes.md).
+    "transformer-gpu": dict(
+        _GPU, model="transformer", block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2, batch_size=16, lr=1e-3
+    ),
+    # -a: the same WaveNet held back by more dropout and stronger weight decay.
+    "shakespeare-gpu-a": dict(
+        _GPU, stacks=2, n_levels=8, n_embd=256, n_hidden=256, n_skip=512, dropout=0.4, weight_decay=0.5
+    ),
+    # -b: a shorter receptive field and wider layers, as the short CPU budgets preferred.
+    "shakespeare-gpu-b": dict(_GPU, stacks=1, n_levels=7, n_embd=384, n_hidden=384, n_skip=768, dropout=0.3),
+    # -c: narrower, one stack, twice the batch at twice the learning rate.
+    "shakespeare-gpu-c": dict(
+        _GPU, stacks=1, n_levels=8, n_embd=192, n_hidden=192, n_skip=384, dropout=0.2, batch_size=128, lr=6e-3
+    ),
     # The best names model we could train in 10 minutes on our 2-core CPU: the gated block over whole names (context 16).
     "names-best": dict(
         model="gated", layout="sequences", n_levels=4, n_embd=96, n_hidden=96, n_skip=192, dropout=0.3, batch_size=64,
