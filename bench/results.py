@@ -178,7 +178,7 @@ def row(r: dict) -> list[str]:
         count(r.get("steps")),
         seconds(r.get("train_seconds")),
         loss(r.get("train")),
-        f"**{loss(r.get('val'))}**",
+        val_cell(r),
         loss(r.get("test")),
         device,
         r.get("machine") or "—",
@@ -186,6 +186,15 @@ def row(r: dict) -> list[str]:
         f"`{r['command']}`" if r.get("command") else "—",
         r.get("notes") or "",
     ]
+
+
+def val_cell(r: dict) -> str:
+    """The val loss a row is judged by, saying whose weights: the best checkpoint's where the run kept one (with
+    its step and training time, and the last weights' beside it), else the last weights'."""
+    if r.get("best_val") is None:
+        return f"**{loss(r.get('val'))}** last"
+    at = f"step {r['best_step']:,}, {r['best_seconds']:.0f} s" if r.get("best_step") is not None else "its step unknown"
+    return f"**{loss(r['best_val'])}** best ({at}); {loss(r.get('val'))} last"
 
 
 def race_rows(path: Path) -> list[dict]:
@@ -199,6 +208,9 @@ def race_rows(path: Path) -> list[dict]:
         others = [o["recipe"] for o in data["rows"] if o is not r]
         notes = f"race at {data.get('budget', 0):g} s against {', '.join(others)}: val on the same {r.get('val_targets', 0):,} targets"
         notes += f" (the run's own val {r['own_val']:.4f})" if r.get("own_val") is not None else ""
+        if r.get("mfu") is not None:
+            flops = r["flops_per_step"] / 1e9
+            notes += f"; {flops:,.1f} GFLOP a step, MFU {r['mfu']:.1%} of the {r['dtype']} matmul peak measured there"
         rows.append(_study_row(r, data, machine, f"`{r['recipe']}`, race {data.get('budget', 0):g} s", notes))
     return rows
 
@@ -224,6 +236,9 @@ def _study_row(r: dict, data: dict, machine: str, recipe: str, notes: str) -> di
         "train_seconds": round(r["train_seconds"], 1) if r.get("train_seconds") is not None else None,
         "train": r.get("train"),
         "val": r.get("val"),
+        "best_val": r.get("best_val"),
+        "best_step": r.get("best_step"),
+        "best_seconds": r.get("best_seconds"),
         "test": None,
         "device": r.get("device") or ("cuda" if data.get("machine", {}).get("gpu") else "cpu"),
         "dtype": r.get("dtype"),
@@ -283,7 +298,9 @@ def results_page(block: str) -> str:
         "# Results\n\n"
         "Every training result this project reports, one row per run: the recipes' runs (docs/results/runs.json,\n"
         "updated from run directories), the races (docs/race/) and the context study (docs/scaling/). Val and test are\n"
-        "losses on the whole split (nats per character); training time is the training clock (steps only). How\n"
+        "losses on the whole split (nats per character); each val says whose weights: \"best\", the checkpoint of the\n"
+        "run's best val estimate (with its step and training time; nanoGPT reports this one), beside \"last\", the\n"
+        "weights when training stopped. Training time is the training clock (steps only). How\n"
         "the runs were measured and the recipes tuned: [recipes.md](recipes.md).\n"
         "Regenerate with `python -m bench.results` after a run; `python -m bench.results --check` (CI) fails when\n"
         "this page or the README's table is stale.\n\n" + block

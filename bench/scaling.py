@@ -9,7 +9,8 @@
    training row has max(recipe's seq_len, R) targets and the rows per step are cut so a step keeps
    the recipe's targets (at least one row): a long context costs at most twice its targets in
    positions. All runs are evaluated on the same val targets (the tokens after the first R_max =
-   4096), every target with its full context (bench/race.py's protocol).
+   4096), every target with its full context, both the last weights and the checkpoint of the best
+   val estimate (bench/race.py's protocol).
 2. Training tokens/s (targets per second of forward, backward and AdamW step) against R, from 64 to
    4096: the gated WaveNet as a convolution (about log2 R nodes per target), the same model per
    window (R - 1 nodes per target; measured while a step stays under ``--time-cap`` seconds), and the
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.race import machine, run_summary, same_targets_val, train_recipe
+from bench.race import best_cell, judge, machine, run_summary, train_recipe
 from makemore.models import build_model
 from makemore.train import RECIPES, make_configs
 from makemore.train.config import resolve_device, resolve_dtype
@@ -65,7 +66,10 @@ def context_settings(model: str, R: int, recipe: str) -> dict:
 
 
 def loss_study(budget: float, fields: dict, runs: Path, quick: bool) -> list[dict]:
+    """Each run's last weights and best checkpoint on the same val targets (bench/race.py's judge)."""
     rows = []
+    r_max = max(R for Rs in fields.values() for R in Rs)
+    max_tokens = QUICK_EVAL_TOKENS if quick else sys.maxsize
     for model, Rs in fields.items():
         for R in Rs:
             recipe = LOSS_RECIPES[model]
@@ -74,9 +78,7 @@ def loss_study(budget: float, fields: dict, runs: Path, quick: bool) -> list[dic
                 overrides.update(QUICK_SIZES[model], eval_max_tokens=QUICK_EVAL_TOKENS)
             print(f"scaling: training {model} at R {R} for {budget:g} s", file=sys.stderr, flush=True)
             run = train_recipe(recipe, overrides, runs / f"{model}-R{R}")
-            rows.append({"recipe": recipe, "R": R, **run_summary(run)})
-    for row, result in zip(rows, same_targets_val([Path(r["run"]) for r in rows], QUICK_EVAL_TOKENS if quick else sys.maxsize)):
-        row.update(result)
+            rows.append({"recipe": recipe, "R": R, **run_summary(run), **judge(run, r_max, max_tokens)})
     return rows
 
 
@@ -123,10 +125,16 @@ def speed_study(fields, targets: int, windows_targets: int, repeats: int, time_c
 
 
 def loss_markdown(rows: list[dict]) -> str:
-    lines = ["| model | recipe | R | params | steps | tokens/s (median) | train | val (same targets) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | recipe | R | params | steps | tokens/s (median) | train | val: last weights | val: best checkpoint |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
-        lines.append(f"| {r['model']} | `{r['recipe']}` | {r['R']:,} | {r['params']:,} | {r['steps']:,} | {rate} | {r['train']:.4f} | **{r['val']:.4f}** |")
+        lines.append(
+            f"| {r['model']} | `{r['recipe']}` | {r['R']:,} | {r['params']:,} | {r['steps']:,} | {rate} | {r['train']:.4f} "
+            f"| {r['val']:.4f} | {best_cell(r)} |"
+        )
     return "\n".join(lines) + "\n"
 
 

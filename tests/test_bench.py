@@ -1,14 +1,15 @@
-"""The benchmark harness: interleaved timing, its statistics, and a report that fits a GPU lease's 8 files.
+"""The benchmark harness: interleaved timing, its statistics, and a report that fits a GPU lease's 8 files; the race.
 
-The benchmarks themselves run in CI through ``python -m bench --quick`` and ``bash bench/gpu.sh
---dry-run`` (.ci/run); these check the pieces whose mistakes would not crash those runs.
+The benchmarks themselves run in CI through ``python -m bench --quick``, ``python -m bench.race --quick`` and
+``bash bench/gpu.sh --dry-run`` (.ci/run); these check the pieces whose mistakes would not crash those runs.
 """
 
 import json
 
 import torch
 
-from bench import report, timing
+from bench import race, report, timing
+from makemore.cli import main as makemore
 
 
 def test_interleaved_alternates_the_implementations_and_rotates_the_first():
@@ -55,3 +56,33 @@ def test_report_stays_within_a_leases_files_and_lists_what_was_not_measured(tmp_
     md = (tmp_path / "results.md").read_text()
     assert "conv [4096]: out of time budget" in md
     assert "wavenet fwd+bwd, float32" in md and "z three" in md  # every group has its table, plotted or not
+
+
+def test_step_flops_count_every_matmul_of_a_steps_forward_and_backward_at_the_runs_batch(tmp_path):
+    forward = 2 * 32 * (3 * 10 * 200 + 200 * 27)  # mlp3: 32 windows a micro-batch through (30 -> 200) and (200 -> 27)
+    for accum in (1, 2):
+        out = tmp_path / f"accum{accum}"
+        argv = ["train", "--recipe", "mlp3", "--max-steps", "1", "--grad-accum", str(accum), "--eval-max-tokens", "100"]
+        assert makemore([*argv, "--quiet", "--samples", "0", "--out", str(out)]) == 0
+        assert race.step_flops(out) == 3 * forward * accum  # backward: the weights' and the inputs' gradients
+
+
+def test_the_race_runs_the_named_recipes_while_its_time_limit_holds_them(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--quick", "--recipes", "transformer-gpu,shakespeare-gpu-c", "--time-limit", "1"]
+    assert race.main([*argv, "--out", str(out), "--runs", str(tmp_path / "runs")]) == 0
+    record = json.loads((out / "race-1s.json").read_text())
+    (row,) = record["rows"]  # the first recipe always runs; the second would not fit in what is left of 1 s
+    assert row["recipe"] == "transformer-gpu" and row["flops_per_step"] > 0 and row["mfu"] > 0
+    assert record["peaks"]["bfloat16_gflops"] > 0 and row["val_targets"] == race.QUICK_EVAL_TOKENS
+    assert [s["recipe"] for s in record["skipped"]] == ["shakespeare-gpu-c"]
+    assert "`shakespeare-gpu-c` not run" in (out / "race-1s.md").read_text() and (out / "race-1s.png").is_file()
+
+
+def test_the_race_refuses_an_unknown_recipe_in_one_line(capsys):
+    try:
+        race.main(["--quick", "--recipes", "transformer-gpu,no-such"])
+    except SystemExit as e:
+        assert e.code == 2
+    err = capsys.readouterr().err
+    assert "--recipes: no recipe no-such" in err and "Traceback" not in err

@@ -1,4 +1,8 @@
-"""The results table is generated (bench/results.py): from run records, race and study JSON, into README and docs/results.md."""
+"""The results table is generated (bench/results.py): from run records, race and study JSON, into README and docs/results.md.
+
+Each val says whose weights it is: the best checkpoint's where a race or study run kept one (with its step and time,
+the last weights' beside it), else the last weights' (every record written before best checkpoints existed).
+"""
 
 import json
 from pathlib import Path
@@ -20,7 +24,8 @@ def repo(tmp_path: Path, records: dict) -> Path:
     machine = {"cpu": "Test CPU", "cores": 2, "gpu": None, "load_average": [0.25, 0.5, 1.0]}
     race = {"command": "python -m bench.race --data tinyshakespeare --budget 60", "date": "2026-11-27", "machine": machine, "budget": 60.0, "rows": [
         {"recipe": "shakespeare-60s", "model": "gated", "params": 255489, "steps": 3079, "train_seconds": 60.003, "train": 1.30807, "own_val": 1.61149,
-         "val": 1.61149, "val_targets": 111284, "device": "cpu", "dtype": "bfloat16"},
+         "val": 1.61149, "val_targets": 111284, "device": "cpu", "dtype": "bfloat16", "best_val": 1.59002, "best_step": 2500, "best_seconds": 49.7,
+         "flops_per_step": 2.5e9, "mfu": 0.1234},
         {"recipe": "transformer-60s", "model": "transformer", "params": 795904, "steps": 1019, "train_seconds": 60.04, "train": 1.51167, "own_val": 1.70213,
          "val": 1.70241, "val_targets": 111284},
     ]}  # fmt: skip
@@ -51,15 +56,16 @@ def test_the_table_holds_every_record_race_and_study_row_and_check_catches_a_sta
     assert readme.startswith("# project\n\nintro\n\n") and readme.endswith(f"{END}\n\n## after\n")  # only the block changed
     rows = [line for line in block(readme).splitlines() if line.startswith("| `")]
     assert rows == [
-        "| `fast` | wavenet | 76,579 | 600 | 10 s | 1.9900 | **2.036–2.064** | 2.0501 | cpu, float32 | Test CPU, 2 cores | 2026-11-23 † "
+        "| `fast` | wavenet | 76,579 | 600 | 10 s | 1.9900 | **2.036–2.064** last | 2.0501 | cpu, float32 | Test CPU, 2 cores | 2026-11-23 † "
         "| `makemore train --recipe fast` | 6 runs |",
-        "| `shakespeare-60s`, race 60 s | gated | 255,489 | 3,079 | 60 s | 1.3081 | **1.6115** | — | cpu, bfloat16 | Test CPU, 2 cores, load 0.2 at the start "
-        "| 2026-11-27 | `python -m bench.race --data tinyshakespeare --budget 60` "
-        "| race at 60 s against transformer-60s: val on the same 111,284 targets (the run's own val 1.6115) |",
-        "| `transformer-60s`, race 60 s | transformer | 795,904 | 1,019 | 60 s | 1.5117 | **1.7024** | — | cpu | Test CPU, 2 cores, load 0.2 at the start "
+        "| `shakespeare-60s`, race 60 s | gated | 255,489 | 3,079 | 60 s | 1.3081 | **1.5900** best (step 2,500, 50 s); 1.6115 last | — | cpu, bfloat16 "
+        "| Test CPU, 2 cores, load 0.2 at the start | 2026-11-27 | `python -m bench.race --data tinyshakespeare --budget 60` "
+        "| race at 60 s against transformer-60s: val on the same 111,284 targets (the run's own val 1.6115); 2.5 GFLOP a step, "
+        "MFU 12.3% of the bfloat16 matmul peak measured there |",
+        "| `transformer-60s`, race 60 s | transformer | 795,904 | 1,019 | 60 s | 1.5117 | **1.7024** last | — | cpu | Test CPU, 2 cores, load 0.2 at the start "
         "| 2026-11-27 | `python -m bench.race --data tinyshakespeare --budget 60` "
         "| race at 60 s against shakespeare-60s: val on the same 111,284 targets (the run's own val 1.7021) |",
-        "| `shakespeare-3m` at R 1,024 | gated | 600,000 | 900 | 180 s | 1.4000 | **1.5556** | — | cpu | Test CPU, 2 cores | 2026-11-28 "
+        "| `shakespeare-3m` at R 1,024 | gated | 600,000 | 900 | 180 s | 1.4000 | **1.5556** last | — | cpu | Test CPU, 2 cores | 2026-11-28 "
         "| `python -m bench.scaling` | context study at 180 s: val on the same 100,000 targets |",
     ]
     assert "`python -m bench --budget 480` on CPU" in block(readme) and "2026-11-26" in block(readme)
@@ -87,7 +93,7 @@ def test_a_finished_recipe_run_replaces_its_record_and_other_runs_are_skipped(tm
     record = json.loads((root / results.RUNS_JSON).read_text())["records"]["bigram"]
     assert (record["val"], record["test"], record["model"], record["steps"]) == (final["val"], final["test"], "ngram", 0)
     assert record["command"] == f"makemore train --recipe bigram --out {runs / 'bigram'}" and record["device"] == "cpu"
-    assert f"| **{final['val']:.4f}** |" in block((root / "README.md").read_text())
+    assert f"| **{final['val']:.4f}** last |" in block((root / "README.md").read_text())
 
 
 def test_a_readme_without_the_markers_is_one_line_and_exit_2(tmp_path, capsys):
