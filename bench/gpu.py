@@ -7,8 +7,8 @@ Steps: env (device, versions, yardsticks), tests (the CUDA test suite), check (m
 equivalence against float64), cross-entropy (the KERNEL suite's sweep and the crossover that sets
 CUDA_ATEN_BELOW), orders (per-position loop, batched windows and convolutions at block 8 to 4096,
 forward and forward + backward, float32 and bfloat16), generation (cached against re-run, with and
-without CUDA graphs), lecture (the lecture's WaveNet at block 8, steps/s), train (the
-shakespeare-gpu recipe for 60 s of training, compiled as the recipe says, then eager).
+without CUDA graphs), lecture (the lecture's WaveNet at block 8, steps/s), race (bench/race.py:
+transformer-gpu and the shakespeare-gpu candidates, 60 s of training each, with MFU).
 ``--dry-run``: the same code on the CPU at tiny sizes (CI runs it, so the command cannot rot);
 its figures mean nothing.
 """
@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-STEPS = ("env", "tests", "check", "cross-entropy", "orders", "generation", "lecture", "train")
-TRAIN_SECONDS = 60.0  # issue 15 §9: the recipe's budget
+STEPS = ("env", "tests", "check", "cross-entropy", "orders", "generation", "lecture", "race")
 
 
 def device_of(dry_run: bool) -> torch.device:
@@ -140,34 +139,33 @@ def generation(args, device: torch.device) -> dict:
     return {"benchmarks": bench_wavenet.generation(device, max(0.0, args.budget - 10), quick=args.dry_run)}
 
 
-DRY_TRAIN = ["--n-embd", "16", "--n-hidden", "16", "--n-skip", "32", "--n-levels", "3", "--stacks", "1", "--batch-size", "2", "--seq-len", "32"]
+RACE_RECIPES = ("transformer-gpu", "shakespeare-gpu-a", "shakespeare-gpu-b", "shakespeare-gpu-c")
+RACE_SECONDS = 60.0  # of training for each recipe
 
 
-def train(args, device: torch.device) -> dict:
-    """The shakespeare-gpu recipe for TRAIN_SECONDS of training, compiled (torch.compile's default mode; the
-    startup check refuses a compiled model that does not follow its parameters), then eager (the recipe's
-    own mode); the final val covers the whole split, the estimates every 100 steps give the curve."""
-    seconds = 1.0 if args.dry_run else TRAIN_SECONDS
-    common = ["--recipe", "shakespeare-gpu", "--max-seconds", str(seconds), "--samples", "0", "--quiet", "--force", "--device", device.type]
-    common += ["--eval-interval", "100"]  # the val curve: the first H100 run ended at train 0.13, val 2.44 (it memorised)
-    if args.dry_run:
-        common += DRY_TRAIN + ["--eval-max-tokens", "2000"]
-    results = {}
-    # The recipe's own configuration first: where the time runs out, the eager run is the one left out.
-    variants = {"compiled": ["--compile"], "eager": ["--no-compile", "--compile-mode", "default"]}
-    for name, flags in variants.items():
-        left = args.budget - sum(r.get("wall_s", 0) for r in results.values())
-        if left < (10 if args.dry_run else seconds + 25):  # start-up and the final evaluation come on top of the training clock
-            results[name] = {"skipped": "out of time budget"}
-            continue
-        if args.dry_run and name == "compiled":  # torch.compile takes minutes on the CI's CPU; on the GPU it is the measured path
-            results[name] = {"skipped": "dry run: torch.compile is left to the GPU"}
-            continue
-        run_dir = args.work / f"train-{name}"
-        command = [sys.executable, "-m", "makemore", "train", *common, *flags, "--out", str(run_dir)]
-        code, output, wall = run(command, left)
-        results[name] = {"command": "makemore train " + " ".join(common + flags), "exit_code": code, "wall_s": wall, **metrics(run_dir), "tail": output.strip().splitlines()[-5:]}
-    return results
+def race(args, device: torch.device) -> dict:
+    """The GPU race (bench/race.py): transformer-gpu, then the WaveNet candidates, RACE_SECONDS of training each,
+    back to back in one process, as many as the step's budget holds with their start-up, compilation and
+    evaluation; its table, plot and JSON go to OUT/race/. Dry run: the race's --quick on the CPU."""
+    out = args.out / "race"
+    flags = ["--recipes", ",".join(RACE_RECIPES), "--device", device.type]
+    flags += ["--out", str(out), "--runs", str(args.work / "race")]
+    flags += ["--quick"] if args.dry_run else ["--budget", str(RACE_SECONDS)]
+    flags += ["--time-limit", str(max(1.0, args.budget - 15))]  # the race's own start-up and its outputs come on top
+    code, output, wall = run([sys.executable, "-m", "bench.race", *flags], args.budget)
+    found = sorted(out.glob("race-*.json"))
+    record = json.loads(found[0].read_text()) if found else {}
+    keep = ("recipe", "params", "steps", "train_seconds", "tokens_per_s", "flops_per_step", "mfu", "dtype")
+    keep += ("wall_seconds", "train", "own_val", "val", "best_val", "best_step", "best_seconds")
+    return {
+        "command": "python -m bench.race " + " ".join(flags),
+        "exit_code": code,
+        "wall_s": wall,
+        "peaks": record.get("peaks"),
+        "rows": [{k: r.get(k) for k in keep} for r in record.get("rows", [])],
+        "skipped": record.get("skipped", []),
+        "tail": output.strip().splitlines()[-5:],
+    }
 
 
 def lecture(args, device: torch.device) -> dict:
@@ -249,9 +247,10 @@ def summary(out: Path, work: Path) -> str:
             f"- `{r['flags']}`: " + (f"exit {r['exit_code']}, {r['seconds']} s: {(r.get('output') or ['no output'])[-1]}" if r.get("exit_code") is not None else r.get("skipped", ""))
             for r in c["runs"]
         ]
-    if data.get("train") or data.get("lecture"):
+    if data.get("race") or data.get("lecture"):
         lines.append("")
-    for key, title in (("train", "shakespeare-gpu"), ("lecture", "lecture WaveNet, block 8")):
+    lines += race_lines(data.get("race"))
+    for key, title in (("lecture", "lecture WaveNet, block 8"),):
         for name, r in data.get(key, {}).items():
             if "skipped" in r:
                 lines.append(f"- {title}, {name}: not run ({r['skipped']})")
@@ -267,6 +266,29 @@ def summary(out: Path, work: Path) -> str:
             if best:
                 lines.append(f"  best val estimate {best['val']:.4f} at step {best['step']} ({best['time']} s; train {best.get('train', float('nan')):.4f})")
     return "\n".join(lines) + "\n"
+
+
+def race_lines(race: dict | None) -> list[str]:
+    """The race's outcome: per run the best checkpoint's and the last weights' whole-split val, speed and MFU."""
+    if not race:
+        return []
+    lines = [f"- race: exit {race['exit_code']}, wall {race['wall_s']} s. `{race['command']}`"]
+    p = race.get("peaks") or {}
+    if p:
+        lines.append(f"  bfloat16 matmul peak in the race: {p.get('bfloat16_gflops')} GFLOP/s (n {p.get('matmul_n')})")
+    for r in race["rows"]:
+        best = ""
+        if r.get("best_val") is not None:
+            best = f"{r['best_val']:.4f} best (step {r['best_step']}, {r['best_seconds']:.0f} s), "
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "?"
+        rate = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "?"
+        lines.append(
+            f"  - {r['recipe']}: val {best}{r['val']:.4f} last (train {r['train']:.4f}); {r['steps']} steps in "
+            f"{r['train_seconds']:.1f} s, {rate} tokens/s, {r['flops_per_step'] / 1e9:.3g} GFLOP a step, MFU {mfu}; "
+            f"wall {r['wall_seconds']:.0f} s"
+        )
+    lines += [f"  - {s['recipe']}: not run ({s['reason']})" for s in race["skipped"]]
+    return lines
 
 
 def table(benchmarks: list[dict]) -> list[str]:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared command for a lent GPU (issue 15 §8): every GPU figure the project needs, in two calls of
-# under 5 and 8 minutes (a lease allows 10 a command, 15 in all):
-#   bash bench/gpu.sh --steps env,tests,check,cross-entropy OUT      # part 1, about 4 minutes
-#   bash bench/gpu.sh --steps env,orders,generation,lecture,train OUT  # part 2, about 7 minutes
+# One prepared command for a lent GPU (issue 15 §8): every GPU figure the project needs, in calls of
+# under 8 minutes (a lease allows 10 a command, 15 in all):
+#   bash bench/gpu.sh --steps env,tests,check,cross-entropy OUT  # part 1, about 4 minutes
+#   bash bench/gpu.sh --steps env,orders,generation,lecture OUT  # part 2, about 3 minutes
+#   bash bench/gpu.sh --steps env,race OUT                       # the race, at most 8 minutes
 #
 #   bash bench/gpu.sh [--dry-run] [--steps STEP,STEP,...] [OUT_DIR]     (OUT_DIR default: gpu-results)
 #
@@ -12,16 +13,16 @@
 # -e .`, which needs only the image's setuptools). Each step runs under `timeout`, capped by its own
 # limit and by what is left of TOTAL seconds, so a hang costs only its cap and the whole command
 # ends within TOTAL (560 s). Steps (bench/gpu.py): env, tests, check, cross-entropy, orders,
-# generation, lecture, train; then the summary. OUT_DIR receives results.json (each step's
-# section, written as it finishes), summary.md (printed last) and log.txt (every step's output):
-# 3 files. --steps reruns some steps only (after a fix, in a second call). --dry-run: the same
+# generation, lecture, race; then the summary. OUT_DIR receives results.json (each step's
+# section, written as it finishes), summary.md (printed last) and log.txt (every step's output),
+# and the race's table, plot and JSON in OUT_DIR/race/: 6 files. --steps reruns some steps only (after a fix, in a second call). --dry-run: the same
 # steps on the CPU at tiny sizes (CI runs it). Exits 1 if a step failed or ran past its cap (the
 # summary still comes first).
 set -uo pipefail
 
 DRY=0
 OUT=gpu-results
-STEPS=env,tests,check,cross-entropy,orders,generation,lecture,train
+STEPS=env,tests,check,cross-entropy,orders,generation,lecture,race
 while (($#)); do
     case "$1" in
         --dry-run) DRY=1 ;;
@@ -37,8 +38,8 @@ done
 IFS=, read -ra WANTED <<<"$STEPS"
 for step in "${WANTED[@]}"; do
     case "$step" in
-        env|tests|check|cross-entropy|orders|generation|lecture|train) ;;
-        *) echo "bench/gpu.sh: unknown step $step (steps: env, tests, check, cross-entropy, orders, generation, lecture, train)" >&2; exit 2 ;;
+        env|tests|check|cross-entropy|orders|generation|lecture|race) ;;
+        *) echo "bench/gpu.sh: unknown step $step (steps: env, tests, check, cross-entropy, orders, generation, lecture, race)" >&2; exit 2 ;;
     esac
 done
 
@@ -58,12 +59,12 @@ START=$SECONDS
 # budget to it). The GPU caps sum to more than TOTAL: a step that ends early leaves its time to the rest.
 if ((DRY)); then  # the CPU's figures mean nothing: these caps only stop a hang, generously (CI machines may be busy)
     TOTAL=600 RESERVE=10
-    declare -A CAP=([env]=60 [tests]=120 [check]=90 [cross-entropy]=60 [orders]=60 [generation]=60 [train]=90 [lecture]=60)
+    declare -A CAP=([env]=60 [tests]=120 [check]=90 [cross-entropy]=60 [orders]=60 [generation]=60 [race]=150 [lecture]=60)
 else
     # From the first H100 lease (2026-11-27): env 8 s, tests 39, check 24 (2 of its 4 variants), cross-entropy 34
-    # (torch.compile's builds left out), orders 48, generation 17, lecture 31 (its compiled run cut), train 197.
+    # (torch.compile's builds left out), orders 48, generation 17, lecture 31 (its compiled run cut). The race: 8 minutes.
     TOTAL=560 RESERVE=12
-    declare -A CAP=([env]=20 [tests]=90 [check]=50 [cross-entropy]=90 [orders]=65 [generation]=30 [lecture]=60 [train]=230)
+    declare -A CAP=([env]=20 [tests]=90 [check]=50 [cross-entropy]=90 [orders]=65 [generation]=30 [lecture]=60 [race]=480)
 fi
 
 # makemore.kernels is the tree's kernels/ folder (pyproject's package-dir): it imports only once the
