@@ -112,9 +112,9 @@ def judge(run: Path, r_max: int, max_tokens: int = sys.maxsize) -> dict:
     result = same_targets_val(*load_model(run), r_max, max_tokens)
     result.update(best_val=None, best_step=None, best_seconds=None)
     if (run / BEST).is_file():
-        model, state = load_model(run, checkpoint="best")
+        model, state = load_model(run, "best")
         best = same_targets_val(model, state, r_max, max_tokens)["val"]
-        result.update(best_val=best, best_step=state["step"], best_seconds=state["elapsed"])
+        result.update(best_val=best, best_step=state["best"]["step"], best_seconds=state["best"]["time"])
     return result
 
 
