@@ -89,6 +89,7 @@ def run_record(run: Path, recipe: str) -> dict:
     if changed:
         raise ResultsError(f"{run}: trained with {', '.join(changed)} other than the recipe {recipe}'s: not its recipe's run, skipped")
     losses = final["final"]
+    best = final.get("best") or {}  # a run that estimated its val: the checkpoint of its best estimate, on the whole split
     mtime = datetime.datetime.fromtimestamp((run / "metrics.jsonl").stat().st_mtime, datetime.timezone.utc)
     return {
         "recipe": recipe,
@@ -98,7 +99,11 @@ def run_record(run: Path, recipe: str) -> dict:
         "train_seconds": round(final["time"], 1) if final.get("time") is not None else None,
         "train": losses.get("train"),
         "val": losses.get("val"),
+        "best_val": best.get("val"),
+        "best_step": best.get("step"),
+        "best_seconds": round(best["time"], 1) if best.get("time") is not None else None,
         "test": losses.get("test"),
+        "best_test": best.get("test"),
         "device": info.get("device"),
         "dtype": info.get("dtype"),
         "world_size": info.get("world_size", 1),
@@ -179,7 +184,7 @@ def row(r: dict) -> list[str]:
         seconds(r.get("train_seconds")),
         loss(r.get("train")),
         val_cell(r),
-        loss(r.get("test")),
+        loss(r.get("test")) if r.get("best_test") is None else f"{loss(r['best_test'])} best; {loss(r.get('test'))} last",
         device,
         r.get("machine") or "—",
         (r.get("date") or "—") + (" †" if str(r.get("source", "")).startswith("recorded before") else ""),
@@ -193,7 +198,7 @@ def val_cell(r: dict) -> str:
     its step and training time, and the last weights' beside it), else the last weights'."""
     if r.get("best_val") is None:
         return f"**{loss(r.get('val'))}** last"
-    at = f"step {r['best_step']:,}, {r['best_seconds']:.0f} s" if r.get("best_step") is not None else "its step unknown"
+    at = f"step {r['best_step']:,}, {seconds(round(r['best_seconds'], 1))}"
     return f"**{loss(r['best_val'])}** best ({at}); {loss(r.get('val'))} last"
 
 
