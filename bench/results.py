@@ -89,7 +89,7 @@ def run_record(run: Path, recipe: str) -> dict:
     if changed:
         raise ResultsError(f"{run}: trained with {', '.join(changed)} other than the recipe {recipe}'s: not its recipe's run, skipped")
     losses = final["final"]
-    best = final.get("best") or {}  # a run that estimated its val: the checkpoint of its best estimate, on the whole split
+    best = final.get("best") or {}  # a run that estimated its val: its best estimate's checkpoint, on the whole split
     mtime = datetime.datetime.fromtimestamp((run / "metrics.jsonl").stat().st_mtime, datetime.timezone.utc)
     return {
         "recipe": recipe,
@@ -184,7 +184,7 @@ def row(r: dict) -> list[str]:
         seconds(r.get("train_seconds")),
         loss(r.get("train")),
         val_cell(r),
-        loss(r.get("test")) if r.get("best_test") is None else f"{loss(r['best_test'])} best; {loss(r.get('test'))} last",
+        loss(r.get("test")) if r.get("best_test") is None else f"{loss(r['best_test'])} best; {loss(r['test'])} last",
         device,
         r.get("machine") or "—",
         (r.get("date") or "—") + (" †" if str(r.get("source", "")).startswith("recorded before") else ""),
