@@ -125,15 +125,13 @@ def speed_study(fields, targets: int, windows_targets: int, repeats: int, time_c
 
 
 def loss_markdown(rows: list[dict]) -> str:
-    lines = [
-        "| model | recipe | R | params | steps | tokens/s (median) | train | val: last weights | val: best checkpoint |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    head = "| model | recipe | R | params | steps | tokens/s (median) | train | val: last weights | val: best checkpoint |"
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
         lines.append(
-            f"| {r['model']} | `{r['recipe']}` | {r['R']:,} | {r['params']:,} | {r['steps']:,} | {rate} | {r['train']:.4f} "
-            f"| {r['val']:.4f} | {best_cell(r)} |"
+            f"| {r['model']} | `{r['recipe']}` | {r['R']:,} | {r['params']:,} | {r['steps']:,} | {rate} "
+            f"| {r['train']:.4f} | {r['val']:.4f} | {best_cell(r)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -56,18 +56,19 @@ def test_the_table_holds_every_record_race_and_study_row_and_check_catches_a_sta
     assert readme.startswith("# project\n\nintro\n\n") and readme.endswith(f"{END}\n\n## after\n")  # only the block changed
     rows = [line for line in block(readme).splitlines() if line.startswith("| `")]
     assert rows == [
-        "| `fast` | wavenet | 76,579 | 600 | 10 s | 1.9900 | **2.036–2.064** last | 2.0501 | cpu, float32 | Test CPU, 2 cores | 2026-11-23 † "
-        "| `makemore train --recipe fast` | 6 runs |",
+        "| `fast` | wavenet | 76,579 | 600 | 10 s | 1.9900 | **2.036–2.064** last | 2.0501 | cpu, float32 "
+        "| Test CPU, 2 cores | 2026-11-23 † | `makemore train --recipe fast` | 6 runs |",
         "| `shakespeare-60s`, race 60 s | gated | 255,489 | 3,079 | 60 s | 1.3081 "
         "| **1.5900** best (step 2,500, 49.7 s); 1.6115 last | — | cpu, bfloat16 "
         "| Test CPU, 2 cores, load 0.2 at the start | 2026-11-27 | `python -m bench.race --data tinyshakespeare --budget 60` "
-        "| race at 60 s against transformer-60s: val on the same 111,284 targets (the run's own val 1.6115); 2.5 GFLOP a step, "
-        "MFU 12.3% of the bfloat16 matmul peak measured there |",
-        "| `transformer-60s`, race 60 s | transformer | 795,904 | 1,019 | 60 s | 1.5117 | **1.7024** last | — | cpu | Test CPU, 2 cores, load 0.2 at the start "
-        "| 2026-11-27 | `python -m bench.race --data tinyshakespeare --budget 60` "
+        "| race at 60 s against transformer-60s: val on the same 111,284 targets (the run's own val 1.6115); "
+        "2.5 GFLOP a step, MFU 12.3% of the bfloat16 matmul peak measured there |",
+        "| `transformer-60s`, race 60 s | transformer | 795,904 | 1,019 | 60 s | 1.5117 | **1.7024** last | — | cpu "
+        "| Test CPU, 2 cores, load 0.2 at the start | 2026-11-27 | `python -m bench.race --data tinyshakespeare --budget 60` "
         "| race at 60 s against shakespeare-60s: val on the same 111,284 targets (the run's own val 1.7021) |",
-        "| `shakespeare-3m` at R 1,024 | gated | 600,000 | 900 | 180 s | 1.4000 | **1.5556** last | — | cpu | Test CPU, 2 cores | 2026-11-28 "
-        "| `python -m bench.scaling` | context study at 180 s: val on the same 100,000 targets |",
+        "| `shakespeare-3m` at R 1,024 | gated | 600,000 | 900 | 180 s | 1.4000 | **1.5556** last | — | cpu "
+        "| Test CPU, 2 cores | 2026-11-28 | `python -m bench.scaling` "
+        "| context study at 180 s: val on the same 100,000 targets |",
     ]
     assert "`python -m bench --budget 480` on CPU" in block(readme) and "2026-11-26" in block(readme)
     assert "](docs/benchmarks/results.md)" in block(readme)
