@@ -77,6 +77,7 @@ def train_recipe(recipe: str, overrides: dict, out: Path) -> Path:
     check_new_run(config, model_config)
     for name in ("ckpt.pt", BEST):  # a fresh run every time: the race never resumes an old one
         (out / name).unlink(missing_ok=True)
+    torch.compiler.reset()  # compiled as in a fresh process: no run inherits another's graphs or recompile count
     train(config, model_config, out, progress=False)
     return out
 
