@@ -45,8 +45,9 @@ from bench import timing
 from makemore.cli import load_model
 from makemore.data import Vocab, load_source
 from makemore.models import build_model
-from makemore.train import METRICS, RECIPES, evaluate, make_configs, train
-from makemore.train.config import TrainConfig, check_new_run, resolve_device, resolve_dtype
+from makemore.train import BEST, CHECKPOINT, METRICS, RECIPES, evaluate, make_configs, train
+from makemore.device import resolve_device, resolve_dtype
+from makemore.train.config import TrainConfig, check_new_run
 
 # The recipes of each budget (seconds): the WaveNet's and the Transformer's, tuned for the same clock.
 RACES = {
@@ -63,7 +64,6 @@ QUICK = {
 }
 QUICK_RUN = dict(eval_interval=5, eval_iters=2, log_interval=5, batch_size=4, compile=False)
 QUICK_EVAL_TOKENS = 4096
-BEST = "best.pt"  # beside ckpt.pt: the weights of the run's best val estimate
 
 
 def nearest_race(budget: float) -> tuple[str, ...]:
@@ -75,7 +75,7 @@ def train_recipe(recipe: str, overrides: dict, out: Path) -> Path:
     """Train ``recipe`` with ``overrides`` into ``out`` (a fresh run, no progress bar); returns ``out``."""
     config, model_config = make_configs({**RECIPES[recipe], **overrides})
     check_new_run(config, model_config)
-    for name in ("ckpt.pt", BEST):  # a fresh run every time: the race never resumes an old one
+    for name in (CHECKPOINT, BEST):  # a fresh run every time: the race never resumes an old one
         (out / name).unlink(missing_ok=True)
     torch.compiler.reset()  # compiled as in a fresh process: no run inherits another's graphs or recompile count
     train(config, model_config, out, progress=False)

@@ -37,7 +37,7 @@ import torch
 from bench.race import best_cell, judge, machine, run_summary, train_recipe
 from makemore.models import build_model
 from makemore.train import RECIPES, make_configs
-from makemore.train.config import resolve_device, resolve_dtype
+from makemore.device import resolve_device, resolve_dtype
 from makemore.train.optim import make_optimizer
 
 LOSS_RECIPES = {"gated": "shakespeare-3m", "transformer": "transformer-3m"}

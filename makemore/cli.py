@@ -23,9 +23,11 @@ from .checkpoint import CheckpointError
 from .data import DataError, Vocab, load_source
 from .models import MODELS, build_model
 from .sample import sample_items, sample_text
+from .device import check_device, resolve_device
 from .train import CHECKPOINT, RECIPES, TrainConfig, distributed, evaluate, make_configs, train
 from .train.config import check_new_run, flag, model_fields
-from .train.loop import LostPeerError
+from .train.loop import LostPeerError, final_record
+from .train.run import BEST
 from .train.signals import Interrupted, Stopped
 
 EXIT_BAD_INPUT = 2
@@ -34,10 +36,11 @@ EXIT_INTERRUPTED = 130
 # memory or running for hours.
 MAX_SAMPLES = 100_000
 MAX_LENGTH = 1_000_000
+CHECKPOINTS = {"last": CHECKPOINT, "best": BEST}  # --checkpoint: the run directory's two checkpoints
 # What a resumed run may change: how long it goes on and how it reports, never what it trains.
 RESUMABLE = (
     "max_steps", "max_seconds", "device", "dtype", "compile", "compile_mode", "dist_timeout", "eval_interval", "eval_iters",
-    "eval_max_tokens", "log_interval", "checkpoint_interval", "checkpoint_seconds",
+    "patience", "eval_max_tokens", "log_interval", "checkpoint_interval", "checkpoint_seconds",
 )  # fmt: skip
 
 
@@ -144,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("sample", help="sample from a trained model")
     p.add_argument("--out", type=Path, required=True, help="the training run's directory")
+    _add_checkpoint_flag(p)
     p.add_argument("-n", "--num-samples", type=int, default=20, help="names to sample (line data)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -155,11 +159,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="loss of a trained model on each split")
     p.add_argument("--out", type=Path, required=True, help="the training run's directory")
+    _add_checkpoint_flag(p)
     p.add_argument("--data", help="evaluate on this data set or file instead of the one trained on (same split rules)")
     p.add_argument("--max-tokens", type=int, help="targets per split at most (default: the run's --eval-max-tokens)")
     p.add_argument("--json", action="store_true", help='print {"train": ..., "val": ..., "test": ...}')
     p.set_defaults(run=_eval)
     return parser
+
+
+def _add_checkpoint_flag(p) -> None:
+    p.add_argument(
+        "--checkpoint", choices=CHECKPOINTS, default="last",
+        help=f"last: the weights training ended with ({CHECKPOINT}); best: the best val estimate's ({BEST}, kept by runs "
+        "with --eval-interval) (default: last)",
+    )
 
 
 def _recipes_setting(name: str) -> str:
@@ -168,7 +181,7 @@ def _recipes_setting(name: str) -> str:
 
 def _defaults_text(f) -> str:
     recipes = _recipes_setting(f.name)
-    return f"{f.default}" + (f"; {recipes}" if recipes else "")
+    return ("unset" if f.default is None else f"{f.default}") + (f"; {recipes}" if recipes else "")
 
 
 def _model_defaults_text(name: str) -> str:
@@ -186,7 +199,7 @@ def _add_flag(group, f, defaults: str) -> None:
     if f.type is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     else:
-        kwargs["type"] = f.type
+        kwargs["type"] = f.metadata.get("type", f.type)
         kwargs["metavar"] = f.name.upper()
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
@@ -227,12 +240,15 @@ def _train(args) -> int:
     config, model_config = make_configs(settings)
     if not args.resume:
         check_new_run(config, model_config)
-    _check_device(config.device)
+    check_device(resolve_device(config.device))
     _check_out_dir(out)
     result = train(config, model_config, out, resume=bool(args.resume), progress=not args.quiet)
     if not distributed.is_main_process():
         return 0  # under torchrun, rank 0 prints the losses and the samples
-    print(" ".join(f"{split} {loss:.4f}" for split, loss in result.items()))
+    print(_losses(result))
+    best = (final_record(out) or {}).get("best")
+    if best:
+        print(f"best.pt (step {best['step']:,}, {best['time']:.0f} s): {_losses(best)}")
     if args.samples:
         model, state = load_model(out)
         print("\n".join(_samples(model, state, args.samples, seed=config.seed)))
@@ -250,7 +266,7 @@ def _sample(args) -> int:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
-    model, state = load_model(args.out)
+    model, state = load_model(args.out, args.checkpoint)
     samples = _samples(
         model, state, args.num_samples, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
         unique=args.unique, length=args.length, prompt=args.prompt,
@@ -262,25 +278,17 @@ def _sample(args) -> int:
 def _eval(args) -> int:
     if args.max_tokens is not None and not 1 <= args.max_tokens < 2**63:
         raise ValueError(f"--max-tokens must be in [1, 2^63), got {args.max_tokens}")
-    model, state = load_model(args.out)
+    model, state = load_model(args.out, args.checkpoint)
     config = TrainConfig(**state["config"])
     source = load_source(args.data or config.data, config.kind, seed=config.seed, vocab=Vocab(state["vocab"]))
     result = evaluate(model, source, max_tokens=config.eval_max_tokens if args.max_tokens is None else args.max_tokens)
-    print(json.dumps(result) if args.json else " ".join(f"{split} {loss:.4f}" for split, loss in result.items()))
+    print(json.dumps(result) if args.json else _losses(result))
     return 0
 
 
-def _check_device(name: str) -> None:
-    """--device names a device this machine has: otherwise moving the model there fails with a traceback."""
-    device = distributed.device(name)  # under torchrun, cuda is cuda:LOCAL_RANK
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            if not count:
-                raise ValueError(f"--device {name}: no CUDA device is available here (or this torch was built without CUDA); use --device cpu")
-            raise ValueError(f"--device {name}: this machine has cuda:0 to cuda:{count - 1}; pick one of those or --device cpu")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+def _losses(result: dict) -> str:
+    """"train 1.7690 val 1.9937 test 1.9853": the splits' losses of a result (other keys skipped)."""
+    return " ".join(f"{split} {result[split]:.4f}" for split in ("train", "val", "test") if split in result)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -294,16 +302,21 @@ def _check_out_dir(out: Path) -> None:
         raise ValueError(f"--out {out}: cannot write there ({e.strerror or _one_line(e)}); choose a directory you can write") from None
 
 
-def load_model(out_dir: Path):
-    """The trained model in ``out_dir`` (eval mode, on the CPU) and its checkpoint."""
+def load_model(out_dir: Path, checkpoint_name: str = "last"):
+    """The trained model in ``out_dir`` (eval mode, on the CPU) and its checkpoint: the last weights or the best."""
     if Path(out_dir).is_file():  # most likely the checkpoint itself: name its directory
         raise ValueError(f"--out {out_dir} is a file; pass the training run's directory (the one that holds {CHECKPOINT})")
-    state = checkpoint.load(Path(out_dir) / CHECKPOINT)
+    path = Path(out_dir) / CHECKPOINTS[checkpoint_name]
+    if checkpoint_name == "best" and not path.is_file() and (Path(out_dir) / CHECKPOINT).is_file():
+        raise CheckpointError(
+            f"{path}: this run kept no best checkpoint (it trained without --eval-interval); use --checkpoint last"
+        )
+    state = checkpoint.load(path)
     settings = {**state["config"], **state["model_config"]}
     vocab_size = settings.pop("vocab_size")
     config, model_config = make_configs(settings, vocab_size=vocab_size)
     model = build_model(config.model, model_config)
-    checkpoint.load_weights(model, state["model"], Path(out_dir) / CHECKPOINT)
+    checkpoint.load_weights(model, state["model"], path)
     return model.eval(), state
 
 

@@ -111,6 +111,7 @@ INVALID = {
     "checkpoint_interval": (None, POSITIVE),
     "max_steps": (None, NON_NEGATIVE | st.integers(10_000_001, 2**62)),  # each step's loss is kept: at most 10 million
     "eval_interval": (None, NON_NEGATIVE),
+    "patience": (None, NON_NEGATIVE),
     "seed": (None, st.integers(max_value=-1) | st.integers(2**63 - 1)),
     "lr": (None, _floats(0, None, low_ok=False)),
     "min_lr": (None, _floats(0, None)),
@@ -185,7 +186,8 @@ def test_a_bad_setting_is_one_line_naming_its_flag(out, bad, recipe):
         (["--recipe", "fast", "--batch-size", "1"], "--batch-size"),
         (["--model", "mlp", "--batch-size", "1"], "--batch-size"),
         (["--layout", "sequences", "--batch-size", "1", "--seq-len", "1"], "--batch-size"),
-        (["--lr", "0.005"], "--min-lr"),  # the lecture's floor 0.01 above the peak: the rate would jump up
+        (["--lr", "0.005", "--min-lr", "0.01"], "--min-lr"),  # a floor above the peak: the rate would jump up
+        (["--patience", "3"], "--patience"),  # counts estimates: needs --eval-interval
         (["--recipe", "fast", "--weight-decay", "100"], "--weight-decay"),  # lr x wd >= 1 flips the weights
         (["--max-steps", "10000000000"], "--max-steps"),
         (["--seed", str(2**64)], "--seed"),

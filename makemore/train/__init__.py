@@ -3,7 +3,8 @@
 
 from .config import TrainConfig, make_configs
 from .evaluate import estimate_loss, evaluate
-from .loop import CHECKPOINT, LOSS_PLOT, METRICS, train
+from .loop import train
+from .run import BEST, CHECKPOINT, LOSS_PLOT, METRICS
 from .recipes import RECIPES
 
-__all__ = ["RECIPES", "TrainConfig", "make_configs", "train", "evaluate", "estimate_loss", "CHECKPOINT", "METRICS", "LOSS_PLOT"]
+__all__ = ["RECIPES", "TrainConfig", "make_configs", "train", "evaluate", "estimate_loss", "BEST", "CHECKPOINT", "METRICS", "LOSS_PLOT"]

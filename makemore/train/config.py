@@ -12,12 +12,11 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..data import KINDS, LAYOUTS
+from ..device import DEVICE_TYPES, DTYPES
 from ..models import MODELS
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
-DTYPES = ("auto", "float32", "bfloat16")
-DEVICE_TYPES = ("cpu", "cuda", "mps")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes; reduce-overhead: CUDA graphs
 # The loop keeps every step's loss and clock time for the whole run, allocated when training starts
 # (12 bytes a step): the bound stops a stray zero (--max-steps 10000000000) from taking 120 GB.
@@ -25,8 +24,10 @@ MAX_STEPS = 10_000_000
 INT64 = 2**63  # ints end up as tensor sizes, indices and seeds: int64 in torch
 
 
-def option(default, help: str, choices=None):
-    return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
+def option(default, help: str, choices=None, type=None):
+    """A setting: its default, its help, and where the field's annotation is not the flag's type (``float | None``) that type."""
+    metadata = {"help": help, **({"choices": choices} if choices else {}), **({"type": type} if type else {})}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -40,7 +41,9 @@ class TrainConfig:
     # optimisation
     optimizer: str = option("sgd", "sgd: the lecture's p -= lr * grad; adamw: decoupled weight decay on matrices only", OPTIMIZERS)
     lr: float = option(0.1, "peak learning rate")
-    min_lr: float = option(0.01, "step schedule: the rate after the decay; cosine: the floor it decays to")
+    min_lr: float | None = option(
+        None, "step schedule: the rate after the decay; cosine: the floor it decays to (unset: --lr / 10)", type=float
+    )
     schedule: str = option("step", "step: lr, then min_lr from --decay-at on; cosine: linear warm-up, then cosine decay to min_lr", SCHEDULES)
     decay_at: float = option(0.75, "step schedule: the fraction of the run after which min_lr applies")
     warmup: float = option(0.0, "cosine schedule: the fraction of the run spent warming up")
@@ -53,8 +56,11 @@ class TrainConfig:
     max_steps: int = option(200_000, "optimiser steps")
     max_seconds: float = option(0.0, "stop training after this many seconds (0: no limit); the schedule then follows time")
     # evaluation, logging, checkpoints
-    eval_interval: int = option(0, "estimate train/val loss every this many steps (0: only at the end)")
+    eval_interval: int = option(
+        0, "estimate train/val loss every this many steps and keep the best val estimate's weights in best.pt (0: no estimates)"
+    )
     eval_iters: int = option(20, "random batches per estimate")
+    patience: int = option(0, "stop after this many estimates in a row without a better val estimate (0: never)")
     eval_max_tokens: int = option(500_000, "the final evaluation covers each split exhaustively up to this many targets, an even subset above")
     log_interval: int = option(1000, "log the training loss every this many steps")
     checkpoint_interval: int = option(10_000, "save a checkpoint every this many steps")
@@ -75,12 +81,14 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
-        for name in ("seq_len", "batch_size", "grad_accum", "eval_iters", "eval_max_tokens", "log_interval", "checkpoint_interval"):
-            _at_least(self, name, 1)
-        for name in ("max_steps", "max_seconds", "eval_interval", "weight_decay", "grad_clip", "min_lr", "checkpoint_seconds"):
-            _at_least(self, name, 0)
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.min_lr is None:  # the lecture's ratio
+            self.min_lr = self.lr / 10
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_iters", "eval_max_tokens", "log_interval", "checkpoint_interval"):
+            _at_least(self, name, 1)
+        for name in ("max_steps", "max_seconds", "eval_interval", "patience", "weight_decay", "grad_clip", "min_lr", "checkpoint_seconds"):
+            _at_least(self, name, 0)
         for name in ("decay_at", "warmup"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{flag(name)} must be in [0, 1], got {getattr(self, name)}")
@@ -96,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"--seed must be in [0, 2^63 - 1), got {self.seed}")
         if not self.dist_timeout > 0:
             raise ValueError(f"--dist-timeout must be > 0, got {self.dist_timeout}")
+        if self.patience and not self.eval_interval:
+            raise ValueError(f"--patience {self.patience} counts val estimates: set --eval-interval too")
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"--compile-mode {self.compile_mode} applies to --compile: add --compile")
         try:
@@ -198,38 +208,3 @@ def check_new_run(config: TrainConfig, model_config) -> None:
             f"--min-lr ({config.min_lr:g}) must be <= --lr ({config.lr:g}): the schedule decays from --lr to --min-lr; "
             "lower --min-lr as well"
         )
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device ``--device`` names; ``auto``: the GPU if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype the matmuls run in; ``auto``: bfloat16 where ``device`` multiplies it natively, else float32."""
-    if name != "auto":
-        return getattr(torch, name)
-    return torch.bfloat16 if native_bf16(device) else torch.float32
-
-
-def native_bf16(device: torch.device) -> bool:
-    """A CUDA device with bf16 arithmetic, or a CPU with AVX512-BF16 or AMX (emulated bf16 elsewhere is slower than float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-    return False
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags, from /proc/cpuinfo (Linux; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()

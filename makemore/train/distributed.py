@@ -18,8 +18,6 @@ import time
 import torch
 import torch.distributed as dist
 
-from .config import resolve_device
-
 _owned = False  # whether setup() made the process group, so teardown() destroys only ours
 
 
@@ -39,15 +37,6 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Rank 0, or the only process: the one that writes, evaluates and prints."""
     return rank() == 0
-
-
-def device(name: str) -> torch.device:
-    """The device this rank trains on (``auto``: see resolve_device): under torchrun ``cuda`` (any index) is
-    ``cuda:LOCAL_RANK``, one GPU per rank."""
-    chosen = resolve_device(name)
-    if launched() and chosen.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return chosen
 
 
 def stream_seed(seed: int, rank: int) -> int:

@@ -9,37 +9,38 @@ to tens, thousands or nan within a few steps, so nothing in between needs tellin
 
 Before a checkpoint the guard also checks the current weights, the ones a checkpoint would hold:
 the losses so far were computed before the last update, which alone can ruin the weights (one
-step at --lr 1e4 does). That probe is the loss the next step will compute (loop._next_step_loss).
+step at --lr 1e4 does). That probe is the loss the next step will compute (``next_step_loss``).
 Under torchrun every rank checks the same means, so all stop together. The host reads values here only.
 """
 
 import math
-from pathlib import Path
-
 import torch
 
+from . import distributed
 from .config import TrainConfig
-from .history import History
 from .optim import learning_rate
+from .run import CHECKPOINT, kept_state
 
 FACTOR = 3.0
 
 
 class DivergenceGuard:
-    def __init__(self, history: History, config: TrainConfig, vocab_size: int, out_dir: Path, checkpoint: Path):
-        self.history, self.config, self.out_dir, self.checkpoint = history, config, out_dir, checkpoint
-        self.uniform = math.log(vocab_size)
-        self.checked = history.step  # losses[:checked] passed
-        self.saved = history.step or None  # the step of the last checkpoint, known good (None: none yet)
+    def __init__(self, run):
+        self.run, self.history, self.config = run, run.history, run.config
+        self.out_dir, self.checkpoint = run.out_dir, run.path(CHECKPOINT)
+        self.uniform = math.log(run.model_config.vocab_size)
+        self.checked = run.history.step  # losses[:checked] passed
+        self.saved = run.history.step or None  # the step of the last checkpoint, known good (None: none yet)
 
-    def check(self, probe: torch.Tensor | None = None) -> None:
+    def check(self, probe: bool = False) -> None:
+        """Raise FloatingPointError if the losses since the last check (and, with ``probe``, the next step's) diverged."""
         h = self.history
         if h.step == 0:
             return
         h.average()
         parts = [h.losses[0]] + ([h.losses[self.checked : h.step].mean()] if h.step > self.checked else [])
-        if probe is not None:
-            parts.append(probe)
+        if probe:
+            parts.append(distributed.mean_(next_step_loss(self.run)))
         first, *seen = torch.stack(parts).tolist()
         start = max(first, self.uniform) if math.isfinite(first) else self.uniform
         limit = FACTOR * start
@@ -73,3 +74,19 @@ def _lr_of_step(config: TrainConfig, n: int, times: torch.Tensor) -> float:
     """The learning rate step ``n`` (1-based) trained with, as the loop set it: from the steps and the clock before it."""
     before = float(times[min(n - 2, len(times) - 1)]) if n >= 2 else 0.0
     return learning_rate(config, max((n - 1) / config.max_steps, before / config.max_seconds if config.max_seconds else 0.0))
+
+
+@torch.no_grad()
+def next_step_loss(run) -> torch.Tensor:
+    """The loss the next training step will compute (its batch, the current weights, training mode), leaving no trace.
+
+    The batch comes from a copy of the training generator; BatchNorm's running statistics and the
+    global random state that dropout draws from are put back: the run goes on bit for bit as if this
+    had not been computed.
+    """
+    with kept_state(run):
+        peek = torch.Generator().set_state(run.generator.get_state())
+        batch = run.batch(peek)
+        with run.autocast():
+            _, loss = run.model(batch.idx, batch.targets)
+    return loss.detach().float().reshape(())

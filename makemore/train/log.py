@@ -2,22 +2,34 @@
 counts steps, or seconds when the run has a time budget (--max-seconds)."""
 
 import json
-from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import TrainConfig
+from .run import METRICS
 
 
 class Log:
-    def __init__(self, path: Path, config: TrainConfig, *, writer: bool, append: bool, bar: bool, step: int, elapsed: float):
-        self.file = open(path, "a" if append else "w") if writer else None  # a fresh run (--force) starts a fresh log
+    """Rank 0 writes; a fresh run (--force) starts a fresh log, a resumed one appends; fitted models show no bar."""
+
+    def __init__(self, run, *, append: bool, bar: bool):
+        config, writer = run.config, run.master_process
+        self.file = open(run.path(METRICS), "a" if append else "w") if writer else None
         self.seconds = bool(config.max_seconds)
-        total, self.shown, unit = (config.max_seconds, elapsed, "s") if self.seconds else (config.max_steps, step, "step")
+        if self.seconds:
+            total, self.shown, unit = config.max_seconds, run.history.elapsed, "s"
+        else:
+            total, self.shown, unit = config.max_steps, run.history.step, "step"
         seconds_format = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if self.seconds else None
         self.bar = tqdm(
-            total=total, initial=self.shown, unit=unit, bar_format=seconds_format, disable=not (bar and writer), mininterval=1.0, dynamic_ncols=True
+            total=total, initial=self.shown, unit=unit, bar_format=seconds_format, mininterval=1.0, dynamic_ncols=True,
+            disable=not (bar and writer and not run.model.fitted),
         )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def record(self, record: dict) -> None:
         if self.file is not None:
