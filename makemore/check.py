@@ -28,7 +28,7 @@ from .data import IGNORE_INDEX
 from .models import MODELS as MODEL_CLASSES
 from .models import build_model
 from .nn import FlattenConsecutive
-from .train.config import TrainConfig, make_configs, model_fields
+from .train.config import TrainConfig, make_configs, model_fields, model_help
 
 MODELS = ("wavenet", "gated")
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -312,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("device", "seed"):
         _add_flag(settings, train_fields[name], _defaults_text(train_fields[name]))
     for name in _model_flags():
-        _add_flag(settings, model_fields()[name], _model_defaults_text(name))
+        _add_flag(settings, model_fields()[name], _model_defaults_text(name), help=model_help(name))
     return parser
 
 

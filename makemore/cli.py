@@ -25,7 +25,7 @@ from .models import MODELS, build_model
 from .sample import sample_items, sample_text
 from .device import check_device, resolve_device
 from .train import CHECKPOINT, RECIPES, TrainConfig, distributed, evaluate, make_configs, train
-from .train.config import check_new_run, flag, model_fields
+from .train.config import check_new_run, flag, model_fields, model_help
 from .train.loop import LostPeerError, final_record
 from .train.run import BEST
 from .train.signals import Interrupted, Stopped
@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_flag(settings, f, _defaults_text(f))
     settings = p.add_argument_group("model settings (the models that take each, with their defaults) [the recipes that set another]")
     for f in model_fields().values():
-        _add_flag(settings, f, _model_defaults_text(f.name))
+        _add_flag(settings, f, _model_defaults_text(f.name), help=model_help(f.name))
     p.set_defaults(run=_train)
 
     p = commands.add_parser("sample", help="sample from a trained model")
@@ -194,8 +194,9 @@ def _model_defaults_text(name: str) -> str:
     return f"models: {', '.join(takers)}" + (f"] [{recipes}" if recipes else "")
 
 
-def _add_flag(group, f, defaults: str) -> None:
-    kwargs = dict(dest=f.name, default=None, help=f"{f.metadata['help'].replace('%', '%%')} [{defaults.replace('%', '%%')}]")
+def _add_flag(group, f, defaults: str, help: str | None = None) -> None:
+    text = f"{help or f.metadata['help']} [{defaults}]".replace("%", "%%")
+    kwargs = dict(dest=f.name, default=None, help=text)
     if f.type is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     else:

@@ -1,6 +1,8 @@
 """The makemore command, end to end; bad input ends in one line on stderr and exit code 2."""
 
 import json
+import re
+from dataclasses import fields
 import subprocess
 import sys
 
@@ -174,6 +176,17 @@ def test_help_shows_each_flags_default_per_model_and_recipe():
     assert "[models: wavenet False]" in helps  # --fused: the WaveNet's alone
     assert "[0.1; fast: 0.02," in helps  # --lr: TrainConfig's default, then the recipes that set another
     assert "[auto; lecture: float32" in helps  # --dtype
+
+
+def test_a_shared_model_flag_says_what_it_means_in_every_model_that_takes_it():
+    from makemore.models import MODELS
+    from makemore.train.config import model_fields, model_help
+
+    for name in model_fields():
+        takers = [model for model, (_, cls) in MODELS.items() if name in {f.name for f in fields(cls)}]
+        named = re.findall(rf"(?:^|; )((?:{'|'.join(MODELS)})(?:, (?:{'|'.join(MODELS)}))*): \S", model_help(name))
+        assert [m for group in named for m in group.split(", ")] == takers, name
+    assert model_help("n_hidden").startswith("mlp: hidden layer width; wavenet: ")
 
 
 def test_sample_with_a_prompt_on_line_data_starts_every_name_with_it(trained, capsys):

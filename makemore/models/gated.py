@@ -51,13 +51,13 @@ GATED_ORDERS = ("conv", "windows")
 @dataclass
 class GatedWaveNetConfig:
     vocab_size: int = 65
-    n_embd: int = 64
-    n_hidden: int = 64
-    n_skip: int = field(default=128, metadata={"help": "gated: width of the skip connections and of the output head"})
-    n_levels: int = field(default=8, metadata={"help": "gated: dilated layers per stack, dilations 1, 2, ..., 2^(n-1)"})
-    stacks: int = field(default=1, metadata={"help": "gated: stacks of dilated layers; receptive field stacks * (2^n_levels - 1) + 1"})
-    dropout: float = field(default=0.0, metadata={"help": "gated: dropout on each layer's gated activation while training"})
-    order: str = "conv"
+    n_embd: int = field(default=64, metadata={"help": "width of the residual stream (the embedding)"})
+    n_hidden: int = field(default=64, metadata={"help": "width of each layer's gate"})
+    n_skip: int = field(default=128, metadata={"help": "width of the skip connections and of the output head"})
+    n_levels: int = field(default=8, metadata={"help": "dilated layers per stack, dilations 1, 2, ..., 2^(n-1)"})
+    stacks: int = field(default=1, metadata={"help": "stacks of layers; receptive field stacks * (2^n_levels - 1) + 1"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on each layer's gated activation while training"})
+    order: str = field(default="conv", metadata={"help": "evaluation order: conv or windows (per window)"})
 
     def __post_init__(self):
         for name in ("n_embd", "n_hidden", "n_skip", "n_levels", "stacks"):

@@ -12,9 +12,9 @@ from .base import LanguageModel, sliding_windows
 @dataclass
 class MLPConfig:
     vocab_size: int = 27
-    block_size: int = field(default=3, metadata={"help": "mlp, wavenet: tokens of context per prediction"})
-    n_embd: int = field(default=10, metadata={"help": "mlp, wavenet: embedding width; gated: the residual width"})
-    n_hidden: int = field(default=200, metadata={"help": "mlp, wavenet: hidden width; gated: the gate width"})
+    block_size: int = field(default=3, metadata={"help": "tokens of context per prediction"})
+    n_embd: int = field(default=10, metadata={"help": "embedding width per token"})
+    n_hidden: int = field(default=200, metadata={"help": "hidden layer width"})
 
     def __post_init__(self):
         for name in ("block_size", "n_embd", "n_hidden"):

@@ -15,8 +15,8 @@ MAX_COUNTS = 1 << 26  # count-table entries: 256 MiB of float32 counts (27^5 fit
 @dataclass
 class NGramConfig:
     vocab_size: int = 27
-    n: int = field(default=2, metadata={"help": "ngram: predict from the previous n - 1 tokens (2: bigram, 3: trigram)"})
-    smoothing: float = field(default=1.0, metadata={"help": "ngram: add-k smoothing of the counts"})
+    n: int = field(default=2, metadata={"help": "predict from the previous n - 1 tokens (2: bigram, 3: trigram)"})
+    smoothing: float = field(default=1.0, metadata={"help": "add-k smoothing of the counts"})
 
     def __post_init__(self):
         if self.n < 2:

@@ -56,12 +56,12 @@ ROPE_BASE = 10_000.0  # the RoPE paper's (and Llama's) base of the rotation freq
 @dataclass
 class TransformerConfig:
     vocab_size: int = 65
-    block_size: int = field(default=64, metadata={"help": "transformer: the receptive field R, split over the layers' attention windows"})
-    n_layer: int = field(default=4, metadata={"help": "transformer: blocks (attention + MLP)"})
-    n_head: int = field(default=4, metadata={"help": "transformer: attention heads per block; n_embd / n_head must be even (rotary positions)"})
-    n_embd: int = 128
-    dropout: float = field(default=0.0, metadata={"help": "transformer: dropout on the embeddings, attention weights and residual branches while training"})
-    tie_weights: bool = field(default=True, metadata={"help": "transformer: the output layer shares the token embedding's weights"})
+    block_size: int = field(default=64, metadata={"help": "the receptive field R, split over the layers' attention windows"})
+    n_layer: int = field(default=4, metadata={"help": "blocks (attention + MLP)"})
+    n_head: int = field(default=4, metadata={"help": "attention heads per block; n_embd / n_head must be even (rotary positions)"})
+    n_embd: int = field(default=128, metadata={"help": "width of the residual stream"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the embeddings, attention weights and residual branches while training"})
+    tie_weights: bool = field(default=True, metadata={"help": "the output layer shares the token embedding's weights"})
 
     def __post_init__(self):
         for name in ("block_size", "n_layer", "n_head", "n_embd"):

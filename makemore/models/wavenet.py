@@ -47,16 +47,16 @@ ORDERS = ("conv", "conv1d", "windows")
 @dataclass
 class WaveNetConfig:
     vocab_size: int = 27
-    block_size: int = field(default=8, metadata={"help": "mlp, wavenet: tokens of context per prediction (wavenet: a power of two)"})
-    n_embd: int = field(default=24, metadata={"help": "mlp, wavenet: embedding width; gated: the residual width"})
-    n_hidden: int = field(default=128, metadata={"help": "mlp, wavenet: hidden width; gated: the gate width"})
+    block_size: int = field(default=8, metadata={"help": "tokens of context per prediction, a power of two"})
+    n_embd: int = field(default=24, metadata={"help": "embedding width per token"})
+    n_hidden: int = field(default=128, metadata={"help": "width of every level of the tree"})
     order: str = field(
         default="conv",
-        metadata={"help": "wavenet: evaluation order, conv (shifted-view matmuls), conv1d (F.conv1d) or windows (per window, the lecture's form); gated: conv or windows", "choices": ORDERS},
+        metadata={"help": "evaluation order: conv (shifted-view matmuls), conv1d (F.conv1d) or windows (per window, the lecture's form)", "choices": ORDERS},
     )
     fused: bool = field(
         default=False,
-        metadata={"help": "wavenet: BatchNorm + tanh as one autograd function (faster; same math, not the notebook's rounding)"},
+        metadata={"help": "BatchNorm + tanh as one autograd function (faster; same math, not the notebook's rounding)"},
     )
 
     def __post_init__(self):

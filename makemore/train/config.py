@@ -154,6 +154,16 @@ def model_fields() -> dict[str, dataclasses.Field]:
     return found
 
 
+def model_help(name: str) -> str:
+    """The help of a model flag, from every model that takes it: "mlp, wavenet: embedding width; gated: ..."."""
+    meanings: dict[str, list[str]] = {}
+    for model, (_, config_cls) in MODELS.items():
+        for f in fields(config_cls):
+            if f.name == name:
+                meanings.setdefault(f.metadata.get("help", ""), []).append(model)
+    return "; ".join(f"{', '.join(models)}: {text}" for text, models in meanings.items())
+
+
 def split_overrides(overrides: dict) -> tuple[dict, dict]:
     """Split flat ``name: value`` settings into TrainConfig's and the models' (None: not given)."""
     train_names = {f.name for f in fields(TrainConfig)}
