@@ -52,25 +52,33 @@ def _needs_shift(x) -> bool:
     return not (-EXP_SAFE <= low.item() and high.item() <= EXP_SAFE)
 
 
-def forward(logits, target, grad, scale, ignore_index, label_smoothing):
-    """(row losses, (2, N) stats) of 2-D ``logits``; fills ``grad`` (scaled by ``scale``) when given.
+def forward(logits, target, grad, reduction, ignore_index, label_smoothing, want_stats):
+    """(loss, aux) of 2-D ``logits``, as kernels/_triton.py's ``forward``: the loss in the logits'
+    dtype (one value a row for reduction "none"), ``aux`` each row's shift and denominator and the
+    count of targets (2N + 1 values; empty unless ``want_stats``). With ``grad`` the gradient is
+    written too, scaled for the reduction.
 
-    The stats are each row's shift and denominator (the Triton kernel keeps log-denominators): the
-    backward pass then divides by the very sum the forward pass took, so a one-class row's
-    gradient is exactly 0.
+    The stats keep denominators (the Triton kernel keeps log-denominators): the backward pass then
+    divides by the very sum the forward pass took, so a one-class row's gradient is exactly 0.
     """
     n_rows, n_cols = logits.shape
     acc = accumulator(logits.dtype)
     eps = label_smoothing
     ignored = None if ignore_index is None else (target == ignore_index).unsqueeze(1)
+    count = None
+    if reduction == "mean":  # a tensor, never read on the host; a plain int when nothing can be ignored
+        count = n_rows if ignored is None else (~ignored).sum()
     if grad is not None:
-        target, weight = _row_weights(target, ignore_index, scale.to(acc), n_rows)
+        # The reduction's scale; a mean over no targets gives inf, which ignored rows never see.
+        scale = torch.ones((), dtype=acc, device=logits.device)
+        target, weight = _row_weights(target, ignore_index, scale if count is None else scale / count, n_rows)
     else:
         target = target.long().unsqueeze(1)
         weight = None
         if ignored is not None:
             target = target.masked_fill(ignored, 0)  # ignored rows read class 0, harmlessly
-    stats = torch.empty(2, n_rows, 1, dtype=acc, device=logits.device)
+    aux = torch.empty(2 * n_rows + 1, dtype=acc, device=logits.device)
+    stats = aux[: 2 * n_rows].view(2, n_rows, 1)
     rows = max(1, CHUNK_ELEMENTS // n_cols)
     # The gradient's own rows are the working buffer when it has the accumulator's dtype; lower
     # precisions work in the copy that upcasting makes anyway; only an acc-dtype input without a
@@ -117,7 +125,16 @@ def forward(logits, target, grad, scale, ignore_index, label_smoothing):
             _finish_grad(buf, t, w, denominator.reciprocal(), eps, n_cols)
             if not direct:
                 g.copy_(buf)
-    return torch.cat(losses).view(-1), stats.view(2, n_rows)
+    rows = torch.cat(losses).view(-1)
+    if reduction == "none":
+        loss = rows
+    else:  # 0 / 0: nan, as PyTorch
+        loss = rows.sum() if count is None else rows.sum() / count
+    if want_stats and count is not None:
+        aux[-1] = count
+    # A fresh result of an out-of-place op, never a no-op .to() (kernels/loss.py's docstring).
+    loss = loss if loss.dtype == logits.dtype else loss.to(logits.dtype)
+    return loss, aux if want_stats else aux[:0]
 
 
 def _finish_grad(buf, t, w, inv_denominator, eps, n_cols):
@@ -133,12 +150,16 @@ def _finish_grad(buf, t, w, inv_denominator, eps, n_cols):
     buf.scatter_(1, t, at_target.mul_(w))
 
 
-def backward(logits, target, stats, scale, grad, ignore_index, label_smoothing):
-    """Write the gradient of 2-D ``logits`` into ``grad``: one read of the logits, one write."""
+def backward(logits, target, aux, grad_output, grad, reduction, ignore_index, label_smoothing):
+    """Write the gradient of 2-D ``logits`` into ``grad``, times ``grad_output`` (one value, or one
+    per row for reduction "none"): one read of the logits, one write. ``aux`` is forward's."""
     n_rows, n_cols = logits.shape
-    acc = stats.dtype
-    target, weight = _row_weights(target, ignore_index, scale.to(acc), n_rows)
-    shift, denominator = stats.unsqueeze(2)
+    acc = aux.dtype
+    scale = grad_output.to(acc)
+    if reduction == "mean":
+        scale = scale / aux[-1]  # on the device
+    target, weight = _row_weights(target, ignore_index, scale, n_rows)
+    shift, denominator = aux[: 2 * n_rows].view(2, n_rows, 1)
     direct = grad.dtype == acc
     rows = max(1, CHUNK_ELEMENTS // n_cols)
     for x, t, g, w, s, d in _row_chunks(n_rows, rows, logits, target, grad, weight, shift, denominator):
@@ -155,11 +176,12 @@ def backward(logits, target, stats, scale, grad, ignore_index, label_smoothing):
             g.copy_(buf)
 
 
-def rescale(grad, scale):
-    """grad *= scale (a 0-d tensor, or one value per row); an exact 1 is skipped outside compile."""
-    if not torch.compiler.is_compiling() and bool((scale == 1.0).all()):
+def rescale(grad, grad_output):
+    """grad *= grad_output (a 0-d tensor, or one value per row); an exact 1 is skipped outside compile."""
+    if not torch.compiler.is_compiling() and bool((grad_output == 1.0).all()):
         return
-    grad.mul_(scale.to(grad.dtype).reshape(-1, 1) if scale.dim() else scale.to(grad.dtype))
+    scale = grad_output.to(grad.dtype)
+    grad.mul_(scale.reshape(-1, 1) if scale.dim() else scale)
 
 
 def _row_chunks(n_rows, rows, *values):

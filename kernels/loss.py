@@ -10,50 +10,54 @@ Paths: the Triton kernels (kernels/_triton.py) for CUDA tensors, the PyTorch fal
 for the fusion to pay for its Python.
 
 Memory traffic, in passes over the (N, V) logits-sized data (one pass = every element read
-once, or written once), counted from the kernels:
+once, or written once), and launches of the Triton path, counted from the kernels:
 
-    mode                                    forward    backward             forward + backward
-    default                                 1 read     1 read + 1 write     3
-    inplace_grad=True, V <= BLOCK_V_MAX (*) 1 read     0 (incoming grad 1)  2
+    mode                                    forward    backward             fwd + bwd   launches
+    default                                 1 read     1 read + 1 write     3           2
+    inplace_grad=True, V <= BLOCK_V_MAX (*) 1 read     0 (incoming grad 1)  2           2
       (gradient written during forward      + 1 write  2 (otherwise)        4
        into the logits' storage)
-    inplace_grad=True, V >  BLOCK_V_MAX (*) 2 reads    as above             3 (5 if rescaled)
-                                            + 1 write
-    no gradient wanted                      1 read     -                    1
+    inplace_grad=True, V >  BLOCK_V_MAX (*) 2 reads    as above             3 (5 if     2
+                                            + 1 write                        rescaled)
+    no gradient wanted                      1 read     -                    1           1
 
     (*) BLOCK_V_MAX = 8192 classes (4096 for float64)
 
 - Default: forward reads each row once and keeps the row's max and log-denominator, two numbers
-  a row. Backward reads the logits once more and writes the gradient, already multiplied by the
-  incoming gradient (per row for reduction="none") and the mean's 1/count. Nothing (N, V)-sized
-  is held between the two calls except the logits themselves (F.cross_entropy keeps its
-  log-softmax).
+  a row, and the count of targets. Backward reads the logits once more and writes the gradient,
+  already multiplied by the incoming gradient (per row for reduction="none") and the mean's
+  1/count, both read on the device by the kernel. Nothing (N, V)-sized is held between the two
+  calls except the logits themselves (F.cross_entropy keeps its log-softmax).
 - ``inplace_grad=True``: forward writes d(loss)/d(logits), scaled for the reduction, over the
-  logits. Backward launches one kernel whose programs read the incoming gradient on the device
-  and touch their rows only where it is not exactly 1, so ``loss.backward()`` costs no pass over
-  the gradient and no host synchronisation.
+  logits (for the mean, its programs count the targets first, together). Backward launches one
+  kernel whose programs read the incoming gradient on the device and touch the gradient only
+  where it is not exactly 1, so ``loss.backward()`` costs no pass over it and no host
+  synchronisation.
+- The reductions happen in the forward kernel (kernels/_triton.py): no launch sums, counts,
+  divides or fills around the kernels, in either mode, whatever the reduction.
 
 No host reads on the hot path. The argument checks look at shapes, dtypes and devices only. On
-CUDA the target range check is a device-side assert (``torch._assert_async``, as
-F.cross_entropy's own CUDA kernels do: a bad target stops the process's CUDA context at the next
-synchronisation); the count of non-ignored targets and the mean's scale are device tensors. On
-CPU a bad target is a ValueError naming its position (reading CPU values costs no sync), except
-inside torch.compile, where the same device-side assert runs. ``cross_entropy`` traces with
-``torch.compile(fullgraph=True)``: the aten path and the fallback as torch ops, the Triton
-launches as custom ops (kernels/_triton.py).
+CUDA a target out of range fails a device-side assert inside the forward kernel (as
+F.cross_entropy's own CUDA kernels do: it stops the process's CUDA context at the next
+synchronisation), and its row's loss is nan. On CPU a bad target is a ValueError naming its
+position (reading CPU values costs no sync), except inside torch.compile, where the fallback
+runs ``torch._assert_async`` and the interpreted kernel raises through its launcher.
+``cross_entropy`` traces with ``torch.compile(fullgraph=True)``: the aten path and the fallback
+as torch ops, the Triton launches as custom ops (kernels/_triton.py).
 
-The autograd Function returns only fresh results of out-of-place ops: never a tensor an in-place
-op produced, nor a no-op ``.to()`` / ``.view()`` chain ending in another traced node. Dynamo in
-torch 2.11 returns every intermediate of a traced Function as an extra output, and where the
-returned tensor is one of them autograd hands its gradient to the wrong slot: it arrives as zeros
-(pytorch/pytorch#180642).
+The autograd Function returns only fresh results of out-of-place ops (a view of one for
+reduction="none"): never a tensor an in-place op produced, nor a no-op ``.to()`` of another
+traced node. Dynamo in torch 2.11 returns every intermediate of a traced Function as an extra
+output, and where the returned tensor is one of them autograd hands its gradient to the wrong
+slot: it arrives as zeros (pytorch/pytorch#180642).
 
-Vectorised loads: Triton emits 16-byte loads only where it can prove a row starts 16-byte
-aligned and the load mask is constant over each 16 bytes, which it learns from the launcher's
-integer specialisation (stride and V divisible by 16). At V = 50,257 neither holds, so loads are
-4 or 2 bytes wide; a warp's neighbouring loads still coalesce into full 32-byte sectors, so the
-DRAM traffic is the same and only the instruction count grows. A vocabulary padded to a multiple
-of 16 or 64 classes (GPT-2's 50,304) gives aligned rows.
+Vectorised loads: Triton emits 16-byte loads only where it can prove an address 16-byte aligned
+and the load mask constant over each 16 bytes. Contiguous rows whose V is not a multiple of 16
+(27, 65, 50,257 ...) do not start on 16-byte boundaries; up to a few thousand classes the kernels
+load them as flat blocks of whole rows (kernels/_triton.py), which are aligned. Wider such rows
+(50,257) load 4 or 2 bytes at a time; a warp's neighbouring loads still coalesce into full
+32-byte sectors, so the DRAM traffic is the same and only the instruction count grows. A
+vocabulary padded to a multiple of 16 or 64 classes (GPT-2's 50,304) gives aligned rows.
 """
 
 from __future__ import annotations
@@ -80,14 +84,11 @@ BACKEND_ENV = "MAKEMORE_XENT_BACKEND"
 # Below this many logits, "auto" on CPU hands the problem to F.cross_entropy: a Python
 # autograd.Function costs more per call than fusing saves, and up to a few million logits
 # F.cross_entropy's vectorised log-softmax, its two (N, V) buffers in cache, is faster still.
-# bench/bench_cross_entropy.py measures both sides (the README has the figures).
+# bench/bench_cross_entropy.py measures both sides (docs/kernel.md has the figures).
 ATEN_BELOW = 1 << 22
 
-# The same line on CUDA. Measured on an H100 (bench/gpu.sh, 2026-11-27; docs/results/gpu): forward +
-# backward in cache at V = 27 and 65, F.cross_entropy was faster at every size from 2^12 to 2^22
-# logits (the Triton path at 0.31-0.40x: its Python and launches outweigh the traffic it saves);
-# beyond L2 (2.5e7 logits) the Triton path won at V = 27 (2.2x) and 65 (1.2x). The line sits at
-# the next power of two past the last size measured; the crossover between is not yet measured.
+# The same line on CUDA: below it F.cross_entropy is faster per call. Set from the kernel-time
+# crossover that bench/gpu.py's cross-entropy step reports (docs/kernel.md has the figures).
 CUDA_ATEN_BELOW = 1 << 23
 
 
@@ -198,30 +199,31 @@ if _triton is not None:
     _FORWARD["triton"], _BACKWARD["triton"], _RESCALE["triton"] = _triton.forward, _triton.backward, _triton.rescale
 
 
-def _forward(backend, x, t, grad, scale, ignore_index, label_smoothing):
-    """The backend's forward; while torch.compile traces, Triton's launches as custom ops (graph nodes)."""
+def _forward(backend, x, t, grad, reduction, ignore_index, label_smoothing, want_stats):
+    """(loss, aux) from the backend's forward; while torch.compile traces, Triton's launch as a custom op."""
     if backend == "triton" and torch.compiler.is_compiling():
         ignore_index = -100 if ignore_index is None else ignore_index
         if grad is None:
-            return _triton.forward_op(x, t, ignore_index, label_smoothing)
-        return _triton.forward_inplace_op(x, t, scale, ignore_index, label_smoothing)
-    return _FORWARD[backend](x, t, grad, scale, ignore_index, label_smoothing)
+            return _triton.forward_op(x, t, reduction, ignore_index, label_smoothing, want_stats)
+        return _triton.forward_inplace_op(x, t, reduction, ignore_index, label_smoothing), None
+    return _FORWARD[backend](x, t, grad, reduction, ignore_index, label_smoothing, want_stats)
 
 
-def _backward(backend, x, t, stats, scale, ignore_index, label_smoothing):
+def _backward(backend, x, t, aux, grad_output, reduction, ignore_index, label_smoothing):
     """The gradient of 2-D ``x``, a new tensor (the same way while compiling)."""
     if backend == "triton" and torch.compiler.is_compiling():
-        return _triton.backward_op(x, t, stats, scale, -100 if ignore_index is None else ignore_index, label_smoothing)
+        ignore_index = -100 if ignore_index is None else ignore_index
+        return _triton.backward_op(x, t, aux, grad_output, reduction, ignore_index, label_smoothing)
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _BACKWARD[backend](x, t, stats, scale, grad, ignore_index, label_smoothing)
+    _BACKWARD[backend](x, t, aux, grad_output, grad, reduction, ignore_index, label_smoothing)
     return grad
 
 
-def _rescale(backend, grad, scale):
-    """grad *= scale where scale is not 1 (in place)."""
+def _rescale(backend, grad, grad_output):
+    """grad *= grad_output where that is not 1 (in place)."""
     if backend == "triton" and torch.compiler.is_compiling():
-        return _triton.rescale_op(grad, scale)
-    return _RESCALE[backend](grad, scale)
+        return _triton.rescale_op(grad, grad_output)
+    return _RESCALE[backend](grad, grad_output)
 
 
 # --- autograd -------------------------------------------------------------------------------------
@@ -235,43 +237,32 @@ class _CrossEntropy(torch.autograd.Function):
         n_cols = logits.shape[-1]
         x = logits if logits.dim() == 2 else logits.reshape(-1, n_cols)  # a view whenever strides allow
         t = target if target.dim() == 1 else target.reshape(-1)
-        acc = accumulator(logits.dtype)
-        count = None
-        if reduction == "mean":
-            # A device tensor, never read on the host; a plain int when nothing can be ignored.
-            count = (t != ignore_index).sum() if may_ignore else t.numel()
         fused = want_grad and inplace_grad
-        grad = scale = None
         if fused:
             if _shares_memory(x):  # rows would write their gradients over each other's
                 raise ValueError(
                     "inplace_grad=True writes the gradient over the logits, but some of their elements share memory "
                     "(an expanded tensor?); pass logits.contiguous() or leave inplace_grad off"
                 )
-            grad = x
             torch.autograd.graph.increment_version(logits)  # autograd then rejects stale uses of the logits
-            # The reduction's scale; a mean over no targets gives inf, which ignored rows never see.
-            scale = torch.ones((), dtype=acc, device=x.device)
-            if count is not None:
-                scale = scale / count
         ignored = ignore_index if may_ignore else None
+        want_stats = want_grad and not fused
         if t.numel():
-            rows, stats = _forward(backend, x, t, grad, scale, ignored, label_smoothing)
-        else:
-            rows, stats = x.new_zeros(0, dtype=acc), x.new_zeros(2, 0, dtype=acc)
+            loss, aux = _forward(backend, x, t, x if fused else None, reduction, ignored, label_smoothing, want_stats)
+        else:  # no rows: nothing to launch; a mean over no targets is nan, as PyTorch's
+            empty = {"none": 0, "sum": 0.0, "mean": float("nan")}[reduction]
+            loss = x.new_zeros(0) if reduction == "none" else x.new_full((), empty)
+            aux = x.new_empty(0, dtype=accumulator(x.dtype))
 
-        ctx.fused, ctx.reduction, ctx.count, ctx.backend = fused, reduction, count, backend
+        ctx.fused, ctx.reduction, ctx.backend = fused, reduction, backend
         ctx.ignore_index, ctx.label_smoothing, ctx.shape = ignored, label_smoothing, logits.shape
         if fused:
-            ctx.grad = grad if logits.dim() == 2 else grad.view(logits.shape)
+            ctx.grad = x if logits.dim() == 2 else x.view(logits.shape)
         elif want_grad:
-            ctx.save_for_backward(x, t, stats)
-        # A fresh result of an out-of-place op, never a no-op .to() (see the module docstring).
-        if reduction == "none":
-            loss = rows.view(target.shape)
-        else:
-            loss = rows.sum() if count is None else rows.sum() / count  # 0 / 0: nan, as PyTorch
-        return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)
+            ctx.save_for_backward(x, t, aux)
+        # The loss is the backend's own new tensor (a view of it for "none"), never a no-op .to() of
+        # another: see the module docstring.
+        return loss.view(target.shape) if reduction == "none" else loss
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -283,7 +274,8 @@ class _CrossEntropy(torch.autograd.Function):
                 "cross_entropy cannot differentiate twice (backward ran with create_graph=True); use "
                 "F.cross_entropy for higher-order gradients"
             )
-        scale = grad_output.to(accumulator(grad_output.dtype))
+        # The kernels read the incoming gradient (and the mean's count) on the device, in its own dtype.
+        grad_output = grad_output.reshape(-1) if ctx.reduction == "none" else grad_output
         if ctx.fused:
             # The gradient was written during forward, scaled for the reduction: hand the buffer
             # over (autograd stores it as .grad without a copy) after multiplying by the incoming
@@ -296,15 +288,11 @@ class _CrossEntropy(torch.autograd.Function):
                     "inplace_grad off)"
                 )
             if grad.numel():
-                g = grad if grad.dim() == 2 else grad.view(-1, grad.shape[-1])
-                _rescale(ctx.backend, g, scale.reshape(-1) if ctx.reduction == "none" else scale)
+                _rescale(ctx.backend, grad if grad.dim() == 2 else grad.view(-1, grad.shape[-1]), grad_output)
             return grad, None, None, None, None, None, None, None, None
-        x, t, stats = ctx.saved_tensors
-        if ctx.reduction == "mean":
-            scale = scale / ctx.count  # on the device
+        x, t, aux = ctx.saved_tensors
         if t.numel():
-            scale = scale.reshape(-1) if ctx.reduction == "none" else scale
-            grad = _backward(ctx.backend, x, t, stats, scale, ctx.ignore_index, ctx.label_smoothing)
+            grad = _backward(ctx.backend, x, t, aux, grad_output, ctx.reduction, ctx.ignore_index, ctx.label_smoothing)
         else:
             grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         return grad.view(ctx.shape), None, None, None, None, None, None, None, None

@@ -10,11 +10,12 @@ grids, constexprs, dtypes, strides and pointer alignments are exactly what a rea
 launch; the recorded launches are then compiled with ``kernel.warmup`` while Triton's active
 driver reports the GPU target, so the compile sees the same specialisations (integer
 divisibility, stride 1 as a constant) as a launch on that GPU would. Cases (VOCABS_OF below):
-fp32 / bf16 / fp16 / fp64 logits x V from 27 to 131,072 (multi-row tiles with and without a
-tail, the widest row held in registers, online-softmax sweeps) x label smoothing on / off x
-default mode (forward, backward) / inplace gradient (forward writing the gradient, rescale),
-with int64 targets, and int32 ones too for fp32 logits; plus odd row counts (1, 3, 4095),
-transposed logits and reduction="none" in fp32.
+fp32 / bf16 / fp16 / fp64 logits x V from 27 to 131,072 (flat blocks and multi-row tiles with
+and without a tail, the widest row held in registers, online-softmax sweeps) x label smoothing
+on / off x default mode (forward, backward) / inplace gradient (forward writing the gradient,
+rescale), with int64 targets, and int32 ones too for fp32 logits; plus the three reductions,
+odd row counts (1, 3, 4095) and transposed logits. The kernels compile as they launch, with
+debug on (their device-side asserts) and integer-overflow checks off.
 
 Every configuration must fit MAX_REGISTERS a thread with no spills (cuobjdump's resource usage of
 the cubins; ptxas -v for the table of the main ones, which the first test prints and
@@ -44,15 +45,16 @@ INTERPRET = tk is not None and tk.INTERPRET
 
 ARCHS = (80, 90)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-# makemore's character vocabularies (27, 65: several rows a program, 65 with a one-column tail), a
-# tail as wide as half the head (96 = 64 + 32: the most elements a thread of the multi-row tiles),
-# the widest row held in registers (8192), and rows swept in tiles (50257, 131072; 131072 is a
-# multiple of 16, so its loads vectorise). The integer specialisations (V and strides divisible by
-# 16 or not, int32 targets, odd row counts) are covered in fp32; bf16 and fp16 differ from it in
+# makemore's character vocabularies (27, 65: flat blocks of several rows, 65 with a one-column
+# tail), a tail as wide as half the head (96 = 64 + 32, a multiple of 16: 2-D tiles), a flat block
+# with a wide tail (300 = 256 + 64) and one of a single row (1000), the widest row held in
+# registers (8192), and rows swept in tiles (50257, 131072; 131072 is a multiple of 16, so its
+# loads vectorise). The integer specialisations (V and strides divisible by 16 or not, int32
+# targets, odd row counts) and the reductions are covered in fp32; bf16 and fp16 differ from it in
 # their conversions, float64 in its tiles (half as wide): they get fewer cases, which keeps the
 # compile within CI's time.
-VOCABS = (27, 65, 96, 8192, 50257, 131072)
-VOCABS_OF = {"fp32": VOCABS, "bf16": VOCABS[:-1], "fp16": (65, 8192), "fp64": (27, 65, 96, 50257)}
+VOCABS = (27, 65, 96, 300, 1000, 8192, 50257, 131072)
+VOCABS_OF = {"fp32": VOCABS, "bf16": VOCABS[:-1], "fp16": (65, 8192), "fp64": (27, 65, 96, 300, 50257)}
 INT32_VOCABS = (27, 65)  # int32 targets change only the target load
 MAX_REGISTERS = 128  # per thread, for every configuration: more would cap occupancy (and invite spills)
 
@@ -83,9 +85,18 @@ def _cases(dtype_name: str) -> list[dict]:
             for smoothing in (0.0, 0.1):
                 for inplace in (False, True):
                     cases.append(dict(dtype=dtype_name, target=target_dtype, v=v, n=None, smoothing=smoothing, inplace=inplace))
+    if dtype_name in ("fp32", "bf16"):
+        # The reductions: "sum" (no count), "none" (per-row losses and incoming gradients).
+        for v in (27, 65):
+            for reduction in ("sum", "none"):
+                for inplace in (False, True):
+                    case = dict(dtype=dtype_name, target="int64", v=v, n=None, smoothing=0.1, inplace=inplace)
+                    cases.append(dict(case, reduction=reduction))
     if dtype_name == "fp32":
         # Other specialisations a launch can hit: row counts not divisible by 16 (and one row), a
-        # column stride other than 1, reduction="none" (the per-row incoming gradient).
+        # column stride other than 1 (2-D tiles where V = 27 and 65 would load flat blocks).
+        transposed = dict(dtype=dtype_name, target="int64", v=27, n=None, smoothing=0.1, inplace=False, transposed=True)
+        cases.append(transposed)
         for v in (65, 50257):
             for n in (1, 4095 if v < 1000 else 3):
                 cases.append(dict(dtype=dtype_name, target="int64", v=v, n=n, smoothing=0.1, inplace=False))
@@ -95,7 +106,7 @@ def _cases(dtype_name: str) -> list[dict]:
 
 
 def _record_launches(case: dict) -> list[tuple]:
-    """The (kernel, grid, args, meta) launches of one forward + backward of ``case``, none of them run."""
+    """The (kernel, row blocks, args, meta) launches of one forward + backward of ``case``, none of them run."""
     v = case["v"]
     n = case["n"] or (4096 if v < 1000 else 8)
     dtype = DTYPES[case["dtype"]]
@@ -107,7 +118,7 @@ def _record_launches(case: dict) -> list[tuple]:
     launches = []
     saved = tk._launch, tk.INTERPRET
     # Record instead of launching; INTERPRET lets backend="triton" accept the CPU tensors.
-    tk._launch = lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta))
+    tk._launch = lambda kernel, n_blocks, *args, **meta: launches.append((kernel, n_blocks, args, meta))
     tk.INTERPRET = True
     try:
         x = logits.clone().requires_grad_()
@@ -186,10 +197,10 @@ def _compile_task(arch: int, dtype_name: str) -> list[dict]:
     driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
     rows, seen = [], set()
     for case in _cases(dtype_name):
-        for kernel, grid, args, meta in _record_launches(case):
+        for kernel, _, args, meta in _record_launches(case):
             label = dict(case, kernel=_describe(kernel, meta), arch=arch, num_warps=meta["num_warps"])
             try:
-                compiled = kernel.warmup(*args, grid=grid, **meta)
+                compiled = kernel.warmup(*args, grid=(1,), **meta)
             except Exception as error:  # noqa: BLE001 - every failure is reported with its configuration
                 rows.append(dict(label, error=f"{type(error).__name__}: {error}"[:2000]))
                 continue
@@ -274,9 +285,11 @@ def test_recorded_launches_are_what_the_dispatcher_runs():
     """A recorded case replays the launcher's choices: tile shape, warps and flags for V = 27 and 50257."""
     small = _record_launches(dict(dtype="bf16", target="int32", v=27, n=None, smoothing=0.1, inplace=True))
     assert [_describe(k, m) for k, _, _, m in small] == ["forward+grad", "rescale"]
-    rows, block_v, tail, warps = tk.launch_config(4096, 27, torch.bfloat16)
-    kernel, grid, args, meta = small[0]
-    assert (meta["ROWS"], meta["BLOCK_V"], meta["num_warps"], grid) == (rows, block_v, warps, (4096 // rows,))
+    cfg = tk.launch_config(4096, 27, torch.bfloat16, contiguous=True)
+    kernel, n_blocks, args, meta = small[0]
+    launched = (meta["ROWS"], meta["BLOCK_V"], meta["FLAT"], meta["FLAT_ROWS"], meta["num_warps"])
+    assert cfg.flat and launched == (cfg.rows, cfg.block_v, cfg.flat, cfg.flat_rows, cfg.num_warps)
+    assert n_blocks == -(-4096 // cfg.flat_rows) and meta["V"] == 27 and meta["COUNT_FIRST"] and meta["debug"]
     assert meta["SINGLE_TILE"] and meta["SMOOTHING"] and args[0].dtype == torch.bfloat16 and args[3].dtype == torch.int32
     large = _record_launches(dict(dtype="fp32", target="int64", v=50257, n=None, smoothing=0.0, inplace=False))
     assert [_describe(k, m) for k, _, _, m in large] == ["forward", "backward"]
