@@ -1,259 +1,450 @@
-"""kernels' cross_entropy against F.cross_entropy and torch.compile(F.cross_entropy), within a time budget.
+"""The cross-entropy kernels timed as the device runs them, beside F.cross_entropy, torch.compile and a training step.
 
     python -m bench --only cross-entropy [--device cuda] [--budget SECONDS]   # this suite and its report
-    bash bench/gpu.sh                                                          # on a lent GPU, with the rest
+    python -m bench.gpu cross-entropy --out OUT --work WORK --budget 170     # the GPU step (bench/gpu.sh)
 
-``sweep(device, budget_s, quick=False, peaks=None) -> list[dict]`` is the whole suite: entries in
+``sweep(device, budget_s, quick=False) -> list[dict]`` is the whole suite: entries in
 pytest-benchmark's JSON shape (bench/timing.py's ``record``) that bench/report.py turns into tables.
 
-Cells: V = 27 and 65 (makemore's character vocabularies), 256 (bytes), 32,768 and 131,072
-(LLM-sized), each timed forward and forward + backward. The implementations of one cell run
-interleaved (A B C A B C ..., bench/timing.py), so a machine that speeds up or slows down moves
-every column alike, and each cell reports its spread (interquartile range over the median):
-two columns running the same code (on CPU at large V, ``kernels.cross_entropy`` and the forced
-fallback) must agree within it. On CUDA each call is timed with CUDA events after an L2 flush,
-and the logits rotate through buffers that together hold at least 8x the L2, each call's own at
-least 2x, so the figures measure device memory, not the cache; ``gbps_at_floor`` is the bandwidth
-the call would use if it moved only the floor's passes over the logits (1 forward, 3 forward +
-backward), beside ``pct_of_copy_bandwidth``, its share of a device-to-device copy timed the same
-way in the same run (``timing.peaks``). ``peak_mib`` is the most memory one call holds beyond
-what was held before it (the gradient included), ``nv_buffers`` the same in (N, V) float32
-buffers, both for forward + backward. Cells run largest V first, so a short budget measures the
-sizes that matter most for bandwidth.
+Paths (forward + backward, a leaf's gradient each call): ``ours`` (kernels' cross_entropy, the
+fused path forced: the Triton kernels on CUDA, the fallback elsewhere), ``ours, inplace_grad``,
+``F.cross_entropy`` and ``torch.compile(F.cross_entropy)`` (one build per V and dtype, the rows
+dynamic); and a compiled training step, the final Linear + the loss + backward under torch.compile
+in bfloat16 autocast at shakespeare-gpu's batch, with ours (a custom op in the graph) against
+inductor's own loss.
 
-The crossover (measured first, in a quarter of the budget): forward + backward of the fused path (the Triton kernel on CUDA, the fallback on
-CPU) against F.cross_entropy over sizes from 2^12 to 2^24 logits at V = 27 and 65, in cache (as
-a training step's logits are). Its ``crossover`` entry is the smallest size from which the fused
-path is never slower; ``cuda_aten_below`` (on CUDA) is the value to give
-kernels/loss.py's CUDA_ATEN_BELOW, ``aten_below`` on CPU its ATEN_BELOW.
+Two times per cell, reported apart:
+- kernel time: on CUDA, CALLS calls captured in one CUDA graph and replayed (no host in the
+  timed region), the paths of a cell replayed in turn, round after round (bench/timing.py's
+  interleaving); where capture fails, CALLS back-to-back calls between two events (``method``
+  says which). On CPU, the host clock. Cells "beyond L2" hold at least 8x the L2 of logits, so
+  every call streams from device memory; cells "in cache" reuse one buffer, as a training step does.
+- host time: one eager call's Python and launches, CALLS calls issued back to back after a
+  synchronize, without waiting for the device.
+
+``gbps_at_floor`` is the bandwidth a call would use if it moved only its path's floor of passes
+over the logits (2 with inplace_grad, 3 otherwise); ``pct_of_copy_bandwidth`` divides it by a
+device-to-device copy timed the same way in the same sweep.
+
+The crossover (``crossover`` entries, V = 27 and 65, 2^12 logits to beyond 8x L2): the smallest
+size from which ours is never slower than F.cross_entropy in kernel time (``cuda_aten_below`` on
+CUDA, ``aten_below`` on CPU: the value for kernels/loss.py's CUDA_ATEN_BELOW or ATEN_BELOW; 0 where
+ours is never slower), and the same in eager time per call (``eager_crossover``). Cells run in
+order of what they decide: the crossover first, the training step at V = 65, every V beyond L2,
+the step at V = 27, then torch.compile's builds and bfloat16; a cell the budget does not reach is
+listed as not measured.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from bench.timing import Deadline, _l2_bytes, interleaved, peak_mib, record, skipped
+from bench.timing import Deadline, _l2_bytes, record, skipped
 from makemore.kernels import cross_entropy
 
-VOCABS = [27, 65, 256, 32768, 131072]
-QUICK_VOCABS = [27, 256]
-PHASES = {"forward": 1, "forward+backward": 3}  # passes over (N, V) the fastest kernels move
+VOCABS = [27, 65, 256, 1024, 4096, 32768, 131072, 262144]
+QUICK_VOCABS = [27, 65]
 CROSSOVER_VOCABS = (27, 65)
-CROSSOVER_SIZES = [1 << k for k in range(12, 25)]  # logits per call (2^24 fp32: 64 MiB, past an H100's L2)
-COMPILE_BUDGET_S = 20.0  # a cell's torch.compile build is tried only with this much time left
+IN_CACHE = [1 << k for k in range(12, 23, 2)]  # logits per call: 2^12 to 2^22
+QUICK_SIZES = [1 << 12, 1 << 14]
+BEYOND_L2 = 8  # a beyond-L2 cell holds at least this many L2s of logits (float32)
+CPU_BEYOND = 1 << 24  # its size on CPU, which has no L2 figure here
+FLOOR = {"ours": 3, "ours, inplace_grad": 2, "F.cross_entropy": 3, "torch.compile(F.cross_entropy)": 3}
+TRAIN_ROWS, TRAIN_WIDTH = 64 * 1024, 512  # shakespeare-gpu: 64 x 1024 targets a step, lm_head 512 -> V
+CALLS = 16  # calls per timed graph (or per event pair) in cache
+ROUNDS = 7
+COMPILE_RESERVE_S = 25.0  # a torch.compile build is started only with this much budget left
 
 
-def implementations(device: torch.device) -> dict:
-    """name -> loss function (or None: torch.compile(F.cross_entropy), built per cell)."""
+# --- what is timed ----------------------------------------------------------------------------------
+
+
+def loss_paths(device: torch.device) -> dict:
+    """name -> loss function of (logits, target); torch.compile's is built per V (None here)."""
     fused = "triton" if device.type == "cuda" else "torch"
     return {
-        "kernels.cross_entropy": cross_entropy,  # "auto", as a user calls it
-        f"fused ({fused})": partial(cross_entropy, backend=fused),
-        f"fused ({fused}), inplace_grad": partial(cross_entropy, backend=fused, inplace_grad=True),
+        "ours": partial(cross_entropy, backend=fused),
+        "ours, inplace_grad": partial(cross_entropy, backend=fused, inplace_grad=True),
         "F.cross_entropy": F.cross_entropy,
         "torch.compile(F.cross_entropy)": None,
     }
 
 
-def rows_for(v: int, device: torch.device, quick: bool) -> int:
-    """Rows per call: on CUDA at least 2x the L2 of logits (and 4096 rows); on CPU 4096 (1024 at V > 65536)."""
-    if quick:
-        return 64
-    if device.type == "cuda":
-        return max(4096, math.ceil(2 * _l2_bytes(device) / (4 * v)))
-    return 1024 if v > 65536 else 4096
+class Cell:
+    """Logits (N, V) wanting a gradient, and targets. inplace_grad writes each call's gradient over
+    the logits; later calls read those values as logits, which costs the same (they are finite)."""
 
-
-class Buffers:
-    """Logits to rotate through (together at least 8x the L2 on CUDA) and their targets.
-
-    inplace_grad writes each call's gradient over its logits: the next calls read those values as
-    logits, which costs the same (they are finite), so no copy is timed with it.
-    """
-
-    def __init__(self, n: int, v: int, device: torch.device, quick: bool):
-        l2 = _l2_bytes(device)
-        count = 1 if quick or not l2 else max(2, math.ceil(8 * l2 / (n * v * 4)))
+    def __init__(self, n: int, v: int, dtype: torch.dtype, device: torch.device):
         gen = torch.Generator(device).manual_seed(0)
-        self.logits = [torch.randn(n, v, generator=gen, device=device) for _ in range(count)]
+        self.logits = torch.randn(n, v, generator=gen, device=device).to(dtype).requires_grad_()
         self.target = torch.randint(0, v, (n,), generator=gen, device=device)
-        self.turn = 0
+        self.n, self.v, self.dtype = n, v, dtype
 
-    def next(self) -> torch.Tensor:
-        """The next logits, as a leaf wanting a gradient."""
-        self.turn = (self.turn + 1) % len(self.logits)
-        return self.logits[self.turn].requires_grad_()
+    def step(self, loss_fn):
+        """One forward + backward of ``loss_fn``, as a closure."""
 
+        def run():
+            self.logits.grad = None
+            loss_fn(self.logits, self.target).backward()
 
-def call(loss_fn, buffers: Buffers, phase: str):
-    """One unit of work: the loss (and its backward) of the next logits."""
-
-    def run():
-        x = buffers.next()
-        loss = loss_fn(x, buffers.target)
-        if phase == "forward+backward":
-            loss.backward()
-        x.grad = None
-
-    return run
+        return run
 
 
-_compiled_for: dict = {}
-
-
-def _compiled(v: int, deadline: Deadline):
-    """torch.compile(F.cross_entropy) for this V (both phases share it), or the reason it is not measured."""
-    if v in _compiled_for:
-        return _compiled_for[v], None
-    if deadline.left() < COMPILE_BUDGET_S:
-        return None, "out of time budget (torch.compile's build)"
-    torch._dynamo.reset()  # one build per V, from a fresh cache (its recompile limit is per function)
-    _compiled_for.clear()
-    _compiled_for[v] = torch.compile(F.cross_entropy, dynamic=False)
-    return _compiled_for[v], None
-
-
-CROSSOVER_SHARE = 0.25  # of the budget, spent first: the crossover sets CUDA_ATEN_BELOW
-ROW_TILE_SHARE = 0.1  # then, on CUDA, the Triton kernel's elements per program at small V
-ROW_TILES = (1024, 2048, 4096, 8192)
-ROW_TILE_VOCABS = (27, 65, 256)
-
-
-def sweep(device: torch.device, budget_s: float, quick: bool = False, peaks: dict | None = None) -> list[dict]:
-    """The whole suite within ``budget_s`` seconds: the crossover, then the cells."""
-    started = time.perf_counter()
-    records = crossover(device, 0.0 if quick else CROSSOVER_SHARE * budget_s, quick)
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        records += row_tiles(device, 0.0 if quick else ROW_TILE_SHARE * budget_s, quick)
-    deadline = Deadline(budget_s - (time.perf_counter() - started))
-    # Largest V first, forward + backward first: the cells that matter most get measured within a short budget.
-    cells = [(v, phase) for v in sorted(QUICK_VOCABS if quick else VOCABS, reverse=True) for phase in reversed(PHASES)]
-    copy_gbps = (peaks or {}).get("copy_gbps")
-    for i, (v, phase) in enumerate(cells):
-        n = rows_for(v, device, quick)
-        group = f"cross-entropy {phase}"
-        names = implementations(device)
-        if deadline.left() <= 0 and not quick:
-            records += [skipped(group, f"{name} [{v}]", "out of time budget", path=name, v=v) for name in names]
-            continue
-        buffers = Buffers(n, v, device, quick)
-        overwritten = Buffers(n, v, device, quick)  # for inplace_grad, whose calls overwrite their logits
-        fns, first_call_s = {}, None
-        for name, fn in names.items():
-            mine = overwritten if name.endswith("inplace_grad") else buffers
-            if fn is None:
-                if quick:
-                    records.append(skipped(group, f"{name} [{v}]", "quick mode leaves torch.compile out", path=name, v=v))
-                    continue
-                fn, reason = _compiled(v, deadline)
-                if fn is None:
-                    records.append(skipped(group, f"{name} [{v}]", reason, path=name, v=v))
-                    continue
-                start = time.perf_counter()
-                try:
-                    call(fn, mine, phase)()  # the build, outside the timed rounds
-                except Exception as error:  # noqa: BLE001 - torch.compile's failures vary by platform
-                    records.append(skipped(group, f"{name} [{v}]", f"torch.compile failed: {type(error).__name__}", path=name, v=v))
-                    continue
-                first_call_s = round(time.perf_counter() - start, 1)
-            fns[name] = call(fn, mine, phase)
-        share = deadline.share(len(cells) - i) if not quick else 0.0
-        times = interleaved(fns, device, share, min_rounds=1 if quick else 3, max_rounds=2 if quick else 50, flush=device.type == "cuda")
-        for name, seconds in times.items():
-            entry = record(group, f"{name} [{v}]", seconds, path=name, v=v, n=n, baseline=name == "F.cross_entropy", device=str(device))
-            median = entry["stats"]["median"]
-            gbps = PHASES[phase] * n * v * 4 / median / 1e9
-            info = entry["extra_info"]
-            info.update(logits_per_s=round(n * v / median), gbps_at_floor=round(gbps, 1))
-            if copy_gbps:
-                info["pct_of_copy_bandwidth"] = round(100 * gbps / copy_gbps, 1)
-            if name.startswith("torch.compile") and first_call_s is not None:
-                info["first_call_s"] = first_call_s  # the build, for the first phase of a V
-            if phase == "forward+backward":  # the phase that holds the most; probing costs a call (and on CPU a profile)
-                info["peak_mib"] = round(peak_mib(fns[name], device), 2)
-                info["nv_buffers"] = round(info["peak_mib"] / (n * v * 4 / 2**20), 2)
-            records.append(entry)
-        del buffers, overwritten, fns
-    return records
+        torch.cuda.synchronize(device)
 
 
-def row_tiles(device: torch.device, budget_s: float, quick: bool = False) -> list[dict]:
-    """The Triton path's forward + backward at small V beyond L2, for each ROW_TILE (elements a program holds).
+class Timer:
+    """The kernel time of a closure: ``CALLS`` calls in a CUDA graph, replayed (CUDA), or the host clock."""
 
-    On the first H100 run (2026-11-27) V = 27, 65 and 256 all moved about 330 GB/s (12% of the copy)
-    with 1,024 elements a program, and the time hardly changed with V: too few bytes in flight per SM
-    is the suspect, and a larger tile the first thing to try. The row with the best median is the
-    value for kernels/_triton.py's ROW_TILE.
-    """
-    from makemore.kernels import _triton  # launch_config reads ROW_TILE at each call
-
-    deadline, records, default = Deadline(budget_s), [], _triton.ROW_TILE
-    for i, v in enumerate(ROW_TILE_VOCABS):
-        if deadline.left() <= 0 and not quick:
-            break
-        n = rows_for(v, device, quick)
-        buffers = Buffers(n, v, device, quick)
-
-        step = call(partial(cross_entropy, backend="triton"), buffers, "forward+backward")
-
-        def with_tile(row_tile):
-            def run():
-                _triton.ROW_TILE = row_tile
-                step()
-
-            return run
-
-        fns = {f"ROW_TILE {t}": with_tile(t) for t in ROW_TILES}
+    def __init__(self, fn, device: torch.device, calls: int):
+        self.fn, self.device, self.calls, self.graph = fn, device, calls, None
+        self.method = "host clock" if device.type != "cuda" else "cuda graph replay"
+        if device.type != "cuda":
+            fn()  # first-call work (allocations, the fallback's caches) stays out
+            return
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         try:
-            times = interleaved(fns, device, deadline.share(len(ROW_TILE_VOCABS) - i), min_rounds=1 if quick else 3, max_rounds=2 if quick else 50, flush=True)
-        finally:
-            _triton.ROW_TILE = default
-        for name, seconds in times.items():
-            entry = record(f"cross-entropy row tile, V = {v}, forward+backward", name, seconds, path=name, v=v, n=n, device=str(device))
-            entry["extra_info"]["gbps_at_floor"] = round(3 * n * v * 4 / entry["stats"]["median"] / 1e9, 1)
-            records.append(entry)
-        del buffers
+            with torch.cuda.stream(stream):  # warm-up on the capture stream: builds, workspaces, allocator pools
+                fn()
+                fn()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(calls):
+                    fn()
+            self.graph = graph
+        except Exception as error:  # noqa: BLE001 - capture refusals vary by path and torch version
+            torch.cuda.synchronize(device)
+            self.method = f"events over back-to-back calls (capture failed: {type(error).__name__})"
+        _sync(device)
+
+    def seconds(self) -> float:
+        """Seconds per call, one round."""
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            for _ in range(self.calls):
+                self.fn()
+            return (time.perf_counter() - start) / self.calls
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            for _ in range(self.calls):
+                self.fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / self.calls
+
+
+def host_seconds(fn, device: torch.device, calls: int) -> float:
+    """Seconds of Python and launches per eager call: ``calls`` calls issued after a synchronize, not waited for."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    _sync(device)
+    return elapsed / calls
+
+
+def eager_seconds(fn, device: torch.device, calls: int) -> float:
+    """Seconds per call of ``calls`` eager calls back to back, host and device together (what a loop sees)."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def timed(fns: dict, device: torch.device, calls: int, rounds: int) -> dict:
+    """name -> (kernel seconds per round, host seconds, eager seconds, method); kernel rounds interleaved."""
+    timers = {name: Timer(fn, device, calls) for name, fn in fns.items()}
+    kernel = {name: [] for name in fns}
+    for r in range(rounds):
+        names = list(fns)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            kernel[name].append(timers[name].seconds())
+    out = {}
+    for name, fn in fns.items():
+        host = [host_seconds(fn, device, calls) for _ in range(max(1, rounds // 2))]
+        out[name] = (kernel[name], host, eager_seconds(fn, device, calls), timers[name].method)
+    del timers
+    _sync(device)
+    return out
+
+
+# --- the cells ---------------------------------------------------------------------------------------
+
+
+_compiled: dict = {}
+
+
+def compiled_loss(v: int, dtype: torch.dtype, quick: bool):
+    """torch.compile(F.cross_entropy) for this V and dtype, rows dynamic: one build serves every N."""
+    key = (v, dtype)
+    if key not in _compiled:
+        _compiled.clear()
+        torch._dynamo.reset()  # one code object, a build per V: stay under dynamo's recompile limit
+        compiled = torch.compile(F.cross_entropy, backend="eager" if quick else "inductor")
+
+        def loss_fn(logits, target):
+            torch._dynamo.maybe_mark_dynamic(logits, 0)
+            torch._dynamo.maybe_mark_dynamic(target, 0)
+            return compiled(logits, target)
+
+        _compiled[key] = loss_fn
+    return _compiled[key]
+
+
+def beyond_l2_logits(device: torch.device, quick: bool) -> int:
+    """Logits per call of a beyond-L2 cell: at least BEYOND_L2 x the L2 of float32."""
+    if quick:
+        return QUICK_SIZES[-1] * 4
+    l2 = _l2_bytes(device)
+    return max(CPU_BEYOND, BEYOND_L2 * l2 // 4) if l2 else CPU_BEYOND
+
+
+def measure_cell(
+    group: str,
+    v: int,
+    logits: int,
+    dtype: torch.dtype,
+    paths: list[str],
+    device,
+    deadline: Deadline,
+    quick: bool,
+    copy_gbps: float | None,
+    place: str,
+) -> list[dict]:
+    """Every path of one (V, N, dtype) cell, interleaved; one entry per path."""
+    n = max(1, logits // v)
+    # ``classes`` is V everywhere; ``v`` only where V is the table's axis (bench/report.py), else the
+    # axis is ``case``, the logits.
+    common = dict(
+        classes=v,
+        n=n,
+        case=n * v,
+        size=logits,
+        dtype=str(dtype).removeprefix("torch."),
+        place=place,
+        device=str(device),
+    )
+    if place != "in cache":
+        common["v"] = v
+    if deadline.left() <= 0 and not quick:
+        return [skipped(group, f"{p} [{n * v}]", "out of time budget", path=p, **common) for p in paths]
+    cell = Cell(n, v, dtype, device)
+    fns, records = {}, []
+    for name in paths:
+        loss_fn = loss_paths(device)[name]
+        if loss_fn is None:
+            if deadline.left() < COMPILE_RESERVE_S and (v, dtype) not in _compiled and not quick:
+                records.append(
+                    skipped(
+                        group, f"{name} [{n * v}]", "out of time budget (torch.compile's build)", path=name, **common
+                    )
+                )
+                continue
+            loss_fn = compiled_loss(v, dtype, quick)
+        fns[name] = cell.step(loss_fn)
+    calls = 2 if quick else CALLS if place == "in cache" else 3
+    try:
+        times = timed(fns, device, calls, 1 if quick else ROUNDS)
+    except torch.OutOfMemoryError:
+        return records + [skipped(group, f"{p} [{n * v}]", "out of memory", path=p, **common) for p in fns]
+    size = torch.empty((), dtype=dtype).element_size()
+    for name, (kernel, host, eager, method) in times.items():
+        entry = record(
+            group, f"{name} [{n * v}]", kernel, path=name, baseline=name == "F.cross_entropy", method=method, **common
+        )
+        median = entry["stats"]["median"]
+        gbps = FLOOR[name] * n * v * size / median / 1e9
+        info = entry["extra_info"]
+        info.update(logits_per_s=round(n * v / median), gbps_at_floor=round(gbps, 1), eager_us=round(eager * 1e6, 1))
+        if copy_gbps:
+            info.update(copy_gbps=copy_gbps, pct_of_copy_bandwidth=round(100 * gbps / copy_gbps, 1))
+        records += [entry, host_entry(group, name, n * v, host, common)]
+    del cell, fns
     return records
 
 
-def crossover(device: torch.device, budget_s: float, quick: bool = False) -> list[dict]:
-    """Fused path against F.cross_entropy, forward + backward in cache, over sizes; the size from which the fused path wins."""
+def copy_bandwidth(device: torch.device, quick: bool) -> float:
+    """GB/s (read + written) of a device-to-device copy of a beyond-L2 buffer, timed as the kernels are."""
+    n = beyond_l2_logits(device, quick)
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    timer = Timer(lambda: dst.copy_(src), device, 1 if quick else 3)
+    seconds = statistics.median(timer.seconds() for _ in range(1 if quick else ROUNDS))
+    return round(2 * 4 * n / seconds / 1e9, 1)
+
+
+def training_step(v: int, device: torch.device, deadline: Deadline, quick: bool) -> list[dict]:
+    """The final Linear + loss + backward compiled (bfloat16 autocast), ours against inductor's own loss."""
+    group = "cross-entropy in a compiled training step (Linear + loss + backward), bfloat16"
     fused = "triton" if device.type == "cuda" else "torch"
-    sizes = CROSSOVER_SIZES[:3] if quick else CROSSOVER_SIZES
-    deadline, records = Deadline(budget_s), []
-    cells = [(v, size) for v in CROSSOVER_VOCABS for size in sizes]
-    ratios: dict[int, list[float]] = {}
-    for i, (v, size) in enumerate(cells):
-        n = max(1, size // v)
-        group = f"cross-entropy crossover, V = {v}, forward+backward in cache"
-        fns_of = {f"fused ({fused})": partial(cross_entropy, backend=fused), "F.cross_entropy": F.cross_entropy}
-        if deadline.left() <= 0 and not quick:
-            records += [skipped(group, f"{name} [{n * v}]", "out of time budget", path=name, case=n * v) for name in fns_of]
-            continue
-        buffers = Buffers(n, v, device, quick=True)  # one buffer: a training step's logits are in cache
-        fns = {name: call(fn, buffers, "forward+backward") for name, fn in fns_of.items()}
-        times = interleaved(fns, device, deadline.share(len(cells) - i), min_rounds=1 if quick else 5, max_rounds=2 if quick else 200)
-        medians = {}
-        for name, seconds in times.items():
-            entry = record(group, f"{name} [{n * v}]", seconds, path=name, case=n * v, baseline=name == "F.cross_entropy", device=str(device))
-            entry["extra_info"]["logits_per_s"] = round(n * v / entry["stats"]["median"])
-            medians[name] = entry["stats"]["median"]
-            records.append(entry)
-        ratios.setdefault(size, []).append(medians["F.cross_entropy"] / medians[f"fused ({fused})"])  # by nominal size: n * v rounds per V
-    # The smallest size from which the fused path is at least as fast at every V and every larger
-    # size; recorded beside every crossover entry (bench/gpu.py prints it).
-    measured = sorted((size, min(r)) for size, r in ratios.items() if len(r) == len(CROSSOVER_VOCABS))
-    wins = [size for k, (size, _) in enumerate(measured) if all(ratio >= 1.0 for _, ratio in measured[k:])]
-    found = wins[0] if wins else None
-    summary = {
-        "crossover": found if found is not None else f"not reached up to {measured[-1][0]} logits" if measured else "not measured (out of time budget)",
-        "cuda_aten_below" if device.type == "cuda" else "aten_below": (1 << math.ceil(math.log2(found))) if found else None,
+    losses = {
+        "ours": partial(cross_entropy, backend=fused),
+        "ours, inplace_grad": partial(cross_entropy, backend=fused, inplace_grad=True),
+        "inductor (F.cross_entropy)": lambda logits, target: F.cross_entropy(logits, target),
     }
+    rows, width = (256, 32) if quick else (TRAIN_ROWS, TRAIN_WIDTH)
+    common = dict(v=v, n=rows, width=width, dtype="bfloat16", device=str(device))
+    if deadline.left() < 3 * COMPILE_RESERVE_S and not quick:
+        return [
+            skipped(group, f"{name} [{v}]", "out of time budget (torch.compile's builds)", path=name, **common)
+            for name in losses
+        ]
+    gen = torch.Generator(device).manual_seed(0)
+    linear = torch.nn.Linear(width, v, device=device)
+    hidden = torch.randn(rows, width, generator=gen, device=device)
+    target = torch.randint(0, v, (rows,), generator=gen, device=device)
+    fns = {}
+    for name, loss_fn in losses.items():
+        torch._dynamo.reset()
+
+        def forward(h, t, loss_fn=loss_fn):
+            with torch.autocast(device.type, torch.bfloat16):
+                return loss_fn(linear(h), t)
+
+        compiled = torch.compile(forward, backend="eager" if quick else "inductor", fullgraph=True)
+
+        def step(compiled=compiled):
+            linear.weight.grad = linear.bias.grad = None
+            compiled(hidden, target).backward()
+
+        fns[name] = step
+    times = timed(fns, device, 2 if quick else CALLS, 1 if quick else ROUNDS)
+    records = []
+    for name, (kernel, host, eager, method) in times.items():
+        entry = record(
+            group, f"{name} [{v}]", kernel, path=name, baseline=name.startswith("inductor"), method=method, **common
+        )
+        info = entry["extra_info"]
+        info.update(logits_per_s=round(rows * v / entry["stats"]["median"]), eager_us=round(eager * 1e6, 1))
+        records += [entry, host_entry(group, name, v, host, dict(common, baseline=name.startswith("inductor")))]
+    torch._dynamo.reset()
+    return records
+
+
+def host_entry(group: str, name: str, label, host: list[float], common: dict) -> dict:
+    """The host time per eager call of one cell's path, in a group of its own beside the kernel times."""
+    info = {k: v for k, v in common.items() if k != "baseline"}
+    return record(
+        f"{group}: host time per eager call",
+        f"{name} [{label}]",
+        host,
+        path=name,
+        baseline=common.get("baseline", name == "F.cross_entropy"),
+        **info,
+    )
+
+
+def crossover_summary(records: list[dict], device: torch.device) -> dict:
+    """The smallest size from which ours is never slower than F.cross_entropy at V = 27 and 65, in kernel
+    and in eager time."""
+    found = {}
+    for key, time_of in (("kernel", lambda b: b["stats"]["median"]), ("eager", lambda b: b["extra_info"]["eager_us"])):
+        ratios: dict[int, list[float]] = {}
+        for v in CROSSOVER_VOCABS:
+            cells = {
+                (b["extra_info"]["path"], b["extra_info"]["size"]): b
+                for b in records
+                if b.get("stats") and b["extra_info"]["classes"] == v and "host time" not in b["group"]
+            }
+            for (path, size), b in cells.items():
+                if path == "ours" and ("F.cross_entropy", size) in cells:  # by nominal size: n * v rounds per V
+                    ratios.setdefault(size, []).append(time_of(cells["F.cross_entropy", size]) / time_of(b))
+        measured = sorted((size, min(r)) for size, r in ratios.items() if len(r) == len(CROSSOVER_VOCABS))
+        wins = [size for k, (size, _) in enumerate(measured) if all(ratio >= 1.0 for _, ratio in measured[k:])]
+        found[key] = (wins[0] if wins else None, measured)
+    size, measured = found["kernel"]
+    if not measured:
+        crossover, below = "not measured (out of time budget)", None
+    elif size is None:
+        crossover, below = f"not reached up to {measured[-1][0]} logits", None
+    else:
+        crossover, below = size, 0 if size == measured[0][0] else 1 << math.ceil(math.log2(size))
+    eager = found["eager"][0]
+    return {
+        "crossover": crossover,
+        "cuda_aten_below" if device.type == "cuda" else "aten_below": below,
+        "eager_crossover": eager if eager is not None else "not reached",
+    }
+
+
+def sweep(device: torch.device, budget_s: float, quick: bool = False) -> list[dict]:
+    """The whole suite within ``budget_s`` seconds (see the module docstring for its order)."""
+    deadline = Deadline(budget_s)
+    copy_gbps = copy_bandwidth(device, quick)
+    beyond = beyond_l2_logits(device, quick)
+    sizes = QUICK_SIZES if quick else IN_CACHE
+    eager_paths = ["ours", "ours, inplace_grad", "F.cross_entropy"]
+    compiled_path = ["torch.compile(F.cross_entropy)"]
+    f32 = torch.float32
+    records: list[dict] = []
+
+    def cells(v, logits_list, paths, place):
+        for logits in logits_list:
+            group = (
+                f"cross-entropy fwd+bwd in cache, V = {v}"
+                if place == "in cache"
+                else "cross-entropy fwd+bwd beyond L2, float32"
+            )
+            records.extend(
+                measure_cell(
+                    group,
+                    v,
+                    logits,
+                    f32,
+                    paths,
+                    device,
+                    deadline,
+                    quick,
+                    copy_gbps if place != "in cache" else None,
+                    place,
+                )
+            )
+
+    # 1. The crossover: V = 27 and 65 from 2^12 logits to beyond L2, without torch.compile.
+    for v in CROSSOVER_VOCABS:
+        cells(v, sizes, eager_paths, "in cache")
+        cells(v, [beyond], eager_paths, "beyond L2")
+    summary = crossover_summary(records, device)
+    # 2. The compiled training step at shakespeare-gpu's V, 3. every other V beyond L2, 4. the step
+    # at V = 27, then 5. torch.compile(F.cross_entropy), makemore's vocabularies first.
+    records.extend(training_step(65, device, deadline, quick))
+    vocabs = QUICK_VOCABS if quick else VOCABS
+    for v in vocabs:
+        if v not in CROSSOVER_VOCABS:
+            cells(v, [beyond], eager_paths, "beyond L2")
+    records.extend(training_step(27, device, deadline, quick))
+    for v in vocabs:
+        cells(v, [beyond], compiled_path, "beyond L2")
+        if v in CROSSOVER_VOCABS:
+            cells(v, sizes, compiled_path, "in cache")
+    bf16_group = "cross-entropy fwd+bwd beyond L2, bfloat16"
+    for v in CROSSOVER_VOCABS:  # the training dtype, makemore's vocabularies
+        records.extend(
+            measure_cell(
+                bf16_group, v, beyond, torch.bfloat16, eager_paths, device, deadline, quick, copy_gbps, "beyond L2"
+            )
+        )
     for entry in records:
-        entry["extra_info"].update(summary)
+        if entry["extra_info"].get("classes") in CROSSOVER_VOCABS and entry["group"].startswith(
+            "cross-entropy fwd+bwd in cache"
+        ):
+            entry["extra_info"].update(summary)
+    _compiled.clear()
+    torch._dynamo.reset()
     return records
