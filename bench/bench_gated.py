@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from bench.bench_wavenet import DTYPES, autocast
-from bench.timing import Deadline, interleaved, record, skipped
+from bench.bench_wavenet import DTYPES
+from bench.timing import OUT_OF_TIME, Deadline, interleaved, record, rounds, skipped
+from makemore.device import autocast, resolve_dtype
 from makemore.models import GatedWaveNet, GatedWaveNetConfig
 
 
@@ -28,7 +29,8 @@ def outputs(device: torch.device, quick: bool) -> tuple[int, int]:
 
 def make(n_levels: int, order: str, device) -> GatedWaveNet:
     torch.manual_seed(42)
-    return GatedWaveNet(GatedWaveNetConfig(65, n_embd=64, n_hidden=64, n_skip=128, n_levels=n_levels, order=order)).to(device)
+    config = GatedWaveNetConfig(65, n_embd=64, n_hidden=64, n_skip=128, n_levels=n_levels, order=order)
+    return GatedWaveNet(config).to(device)
 
 
 def train_call(n_levels: int, order: str, dtype: str, device: torch.device, quick: bool):
@@ -41,7 +43,7 @@ def train_call(n_levels: int, order: str, dtype: str, device: torch.device, quic
 
     def call():
         model.zero_grad(set_to_none=True)
-        with autocast(device, dtype):
+        with autocast(device, resolve_dtype(dtype, device)):
             loss = model(S, Y)[1]
         loss.backward()
 
@@ -51,7 +53,8 @@ def train_call(n_levels: int, order: str, dtype: str, device: torch.device, quic
 def sweep(device: torch.device, budget_s: float, *, quick: bool = False) -> list[dict]:
     N, T = outputs(device, quick)
     tokens = 8 if quick else 64
-    cells = [("train", dtype, n) for dtype in DTYPES for n in levels(quick)] + [("generate", "float32", n) for n in levels(quick)]
+    cells = [("train", dtype, n) for dtype in DTYPES for n in levels(quick)]
+    cells += [("generate", "float32", n) for n in levels(quick)]
     deadline, records = Deadline(budget_s), []
     for i, (kind, dtype, n_levels) in enumerate(cells):
         R = 2**n_levels
@@ -65,16 +68,18 @@ def sweep(device: torch.device, budget_s: float, *, quick: bool = False) -> list
             start = torch.zeros(16, 0, dtype=torch.int64, device=device)
 
             def gen(cached, model=model, start=start):
-                return model.generate(start, tokens, cached=cached, generator=torch.Generator(device).manual_seed(0), cuda_graph=False)
+                generator = torch.Generator(device).manual_seed(0)
+                return model.generate(start, tokens, cached=cached, generator=generator, cuda_graph=False)
 
             fns = {"rerun": lambda gen=gen: gen(False), "cached": lambda gen=gen: gen(True)}
             base = "rerun"
         if deadline.left() <= 0 and not quick:  # quick: every cell once, whatever the budget
-            records += [skipped(group, f"{p} [{R}]", "out of time budget", path=p, block_size=R) for p in fns]
+            records += [skipped(group, f"{p} [{R}]", OUT_OF_TIME, path=p, block_size=R) for p in fns]
             continue
-        times = interleaved(fns, device, deadline.share(len(cells) - i), min_rounds=1 if quick else 3, max_rounds=2 if quick else 30)
+        times = interleaved(fns, device, deadline.share(len(cells) - i), **rounds(quick, 30))
         for path, seconds in times.items():
-            entry = record(group, f"{path} [{R}]", seconds, path=path, block_size=R, baseline=path == base)  # block_size: R, for the report's sweep
+            # block_size: R, the axis of the report's sweep
+            entry = record(group, f"{path} [{R}]", seconds, path=path, block_size=R, baseline=path == base)
             rate_key = "positions_per_s" if kind == "train" else "tokens_per_s"
             entry["extra_info"][rate_key] = round(unit / entry["stats"]["median"])
             records.append(entry)

@@ -8,7 +8,7 @@ One model (makemore.models.WaveNet, the lecture's widths: n_embd 24, n_hidden 12
   two shifted views), each node computed once, about log2(B) nodes per output;
 - ``conv, fused``: ``conv`` with BatchNorm + tanh as one autograd function (the ``fast`` recipe's);
 - ``compiled conv, fused``: torch.compile of the fastest eager path (the full CPU run only, float32
-  forward + backward: each block size compiles for tens of seconds, more than a GPU lease's budget holds).
+  forward + backward: each block size compiles for tens of seconds, more than the GPU step's cap).
 
 Each (dtype, phase, block size) cell times its paths interleaved (bench/timing.py), in float32
 (one math mode for every path: timing.TF32) and in bfloat16 (autocast, float32 master weights).
@@ -20,18 +20,22 @@ node-count ideal (B - 1) / log2(B) over batched windows with the share of it rea
 
 Generation: tokens per second after a full context, cached (ring buffers) against re-run (the
 model on the last B tokens per token), each with and without a CUDA graph on CUDA.
+
+``make_call`` and ``generation_call`` build one unit of work each; bench/test_regression.py times
+them through pytest-benchmark.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from bench.timing import Deadline, interleaved, record, skipped
+from bench import timing
+from bench.timing import OUT_OF_TIME, Deadline, interleaved, record, rounds, skipped
+from makemore.device import autocast, resolve_dtype
 from makemore.models import WaveNet, WaveNetConfig
 from makemore.models.base import CUDAGraphed, LanguageModel, next_token, sample_next
 
@@ -66,10 +70,12 @@ def shape(path: str, block_size: int, device: torch.device, quick: bool) -> tupl
     """(rows, outputs per row) for one call: windows are rows of one output, sequences rows of T = 4·B."""
     if path == "per position":
         return (4 if quick else 32), 1
+    if quick:
+        return (16, 1) if path == "windows" else (2, 4 * block_size)
     big = device.type == "cuda"  # enough outputs per call to fill a GPU: 2^20 windows' nodes, 2^18 sequence outputs
     if path == "windows":
-        return (16, 1) if quick else (max(128, (2**20 if big else 2**17) // block_size), 1)
-    return (2, 4 * block_size) if quick else (max(2, (2**18 if big else 2**14) // (4 * block_size)), 4 * block_size)
+        return max(128, (2**20 if big else 2**17) // block_size), 1
+    return max(2, (2**18 if big else 2**14) // (4 * block_size)), 4 * block_size
 
 
 def nodes_per_level(path: str, block_size: int, rows: int, t: int) -> list[int]:
@@ -79,19 +85,17 @@ def nodes_per_level(path: str, block_size: int, rows: int, t: int) -> list[int]:
         return [rows * (block_size >> (i + 1)) for i in range(levels)]
     dense = min(levels, t.bit_length() - 1)  # per position below, per window above (as WaveNet.forward)
     length = block_size + t - 1
-    return [rows * (length - 2 ** (i + 1) + 1) if i < dense else rows * t * (block_size >> (i + 1)) for i in range(levels)]
+    return [
+        rows * (length - 2 ** (i + 1) + 1) if i < dense else rows * t * (block_size >> (i + 1)) for i in range(levels)
+    ]
 
 
 def matmul_flops(path: str, block_size: int, rows: int, t: int) -> int:
     """Forward matmul FLOPs per call: each node a (2·C_in) x C_out product, each output the lm_head."""
     widths = [N_EMBD] + [N_HIDDEN] * (block_size.bit_length() - 1)
-    tree = sum(n * 2 * (2 * c_in) * c_out for n, c_in, c_out in zip(nodes_per_level(path, block_size, rows, t), widths, widths[1:]))
+    nodes = nodes_per_level(path, block_size, rows, t)
+    tree = sum(n * 2 * (2 * c_in) * c_out for n, c_in, c_out in zip(nodes, widths, widths[1:]))
     return tree + rows * t * 2 * N_HIDDEN * VOCAB
-
-
-def autocast(device: torch.device, dtype: str):
-    """bfloat16: autocast, float32 master weights (as TrainConfig.dtype); float32: nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
 
 def make_call(path: str, block_size: int, phase: str, dtype: str, device: torch.device, quick: bool):
@@ -117,43 +121,50 @@ def make_call(path: str, block_size: int, phase: str, dtype: str, device: torch.
 
         @torch.no_grad()
         def call():
-            with autocast(device, dtype):
+            with autocast(device, resolve_dtype(dtype, device)):
                 return logits_of()
 
         return call
 
     def call():
         model.zero_grad(set_to_none=True)
-        with autocast(device, dtype):
+        with autocast(device, resolve_dtype(dtype, device)):
             loss = F.cross_entropy(logits_of().float(), Y)
         loss.backward()
 
     return call
 
 
-def orders(device: torch.device, budget_s: float, peaks: dict, *, quick: bool = False, compiled: bool = False) -> list[dict]:
-    """Every (dtype, phase, block size) cell, its paths interleaved, within ``budget_s`` seconds."""
+def orders(device: torch.device, budget_s: float, *, quick: bool = False) -> list[dict]:
+    """Every (dtype, phase, block size) cell, its paths interleaved, within ``budget_s`` seconds;
+    ``compiled conv, fused`` in the full CPU run only."""
+    peaks = timing.peaks(device, quick)
+    compiled = not quick and device.type == "cpu"
     cells = [(dtype, phase, b) for dtype in DTYPES for phase in PHASES for b in block_sizes(quick)]
     deadline, records = Deadline(budget_s), []
     for i, (dtype, phase, block_size) in enumerate(cells):
         group = f"wavenet {phase}, {dtype}"
-        paths = [p for p in PATHS if measured(p, block_size, quick, compiled and (dtype, phase) == ("float32", "fwd+bwd"))]
+        compiles = compiled and (dtype, phase) == ("float32", "fwd+bwd")
+        paths = [p for p in PATHS if measured(p, block_size, quick, compiles)]
         if deadline.left() <= 0 and not quick:  # quick: every cell once, whatever the budget
-            records += [skipped(group, f"{p} [{block_size}]", "out of time budget", path=p, block_size=block_size) for p in paths]
+            records += [
+                skipped(group, f"{p} [{block_size}]", OUT_OF_TIME, path=p, block_size=block_size) for p in paths
+            ]
             continue
         fns = {p: make_call(p, block_size, phase, dtype, device, quick) for p in paths}
-        times = interleaved(fns, device, deadline.share(len(cells) - i), min_rounds=1 if quick else 3, max_rounds=2 if quick else 50)
+        times = interleaved(fns, device, deadline.share(len(cells) - i), **rounds(quick, 50))
         del fns
         windows_rate = None
         for p in paths:
             rows, t = shape(p, block_size, device, quick)
-            entry = record(group, f"{p} [{block_size}]", times[p], path=p, block_size=block_size, dtype=dtype, outputs=rows * t, baseline=p == "windows")
+            extra = dict(path=p, block_size=block_size, dtype=dtype, outputs=rows * t, baseline=p == "windows")
+            entry = record(group, f"{p} [{block_size}]", times[p], **extra)
             seconds = entry["stats"]["median"]
             rate = rows * t / seconds
             passes = 3 if phase == "fwd+bwd" else 1  # backward: two products per forward product
             gflops = passes * matmul_flops(p, block_size, rows, t) / seconds / 1e9
-            peak = peaks[f"{dtype}_gflops"]
-            entry["extra_info"].update(positions_per_s=round(rate), gflops=round(gflops, 2), pct_of_matmul_peak=round(100 * gflops / peak, 1))
+            share = round(100 * gflops / peaks[f"{dtype}_gflops"], 1)
+            entry["extra_info"].update(positions_per_s=round(rate), gflops=round(gflops, 2), pct_of_matmul_peak=share)
             if p == "windows":
                 windows_rate = rate
             elif p not in WINDOW_PATHS:
@@ -161,7 +172,9 @@ def orders(device: torch.device, budget_s: float, peaks: dict, *, quick: bool = 
                 entry["extra_info"]["node_ideal"] = round(ideal, 1)
                 if windows_rate is not None:
                     speedup = rate / windows_rate
-                    entry["extra_info"].update(speedup_vs_windows=round(speedup, 2), pct_of_node_ideal=round(100 * speedup / ideal))
+                    entry["extra_info"].update(
+                        speedup_vs_windows=round(speedup, 2), pct_of_node_ideal=round(100 * speedup / ideal)
+                    )
             records.append(entry)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -170,6 +183,11 @@ def orders(device: torch.device, budget_s: float, peaks: dict, *, quick: bool = 
 
 def gen_block_sizes(device: torch.device, quick: bool) -> list[int]:
     return [8, 16] if quick else [256, 1024] if device.type == "cuda" else [8, 64, 256, 1024]
+
+
+def generation_modes(device: torch.device) -> list[str]:
+    """Re-run and cached, each also replayed from a CUDA graph on CUDA."""
+    return [f"{m}{g}" for m in ("rerun", "cached") for g in (("", ", CUDA graph") if device.type == "cuda" else ("",))]
 
 
 def generation(device: torch.device, budget_s: float, *, quick: bool = False) -> list[dict]:
@@ -181,29 +199,34 @@ def generation(device: torch.device, budget_s: float, *, quick: bool = False) ->
     deadline, records = Deadline(budget_s), []
     for i, (block_size, sequences) in enumerate(cells):
         group = f"wavenet generation, {sequences} sequence{'s' if sequences > 1 else ''}"
-        modes = [f"{m}{g}" for m in ("rerun", "cached") for g in (("", ", CUDA graph") if device.type == "cuda" else ("",))]
+        modes = generation_modes(device)
         if deadline.left() <= 0 and not quick:  # quick: every cell once, whatever the budget
-            records += [skipped(group, f"{m} [{block_size}]", "out of time budget", path=m, block_size=block_size) for m in modes]
+            records += [
+                skipped(group, f"{m} [{block_size}]", OUT_OF_TIME, path=m, block_size=block_size) for m in modes
+            ]
             continue
-        torch.manual_seed(42)
-        model = WaveNet(WaveNetConfig(VOCAB, block_size, N_EMBD, N_HIDDEN)).to(device).eval()
-        context = torch.randint(0, VOCAB, (sequences, block_size), generator=torch.Generator().manual_seed(0)).to(device)
-        fns = {m: _generator(model, context, m.split(",")[0], tokens, device, graph=m.endswith("CUDA graph")) for m in modes}
-        times = interleaved(fns, device, deadline.share(len(cells) - i), min_rounds=1 if quick else 3, max_rounds=2 if quick else 30)
+        fns = {m: generation_call(m, block_size, sequences, tokens, device) for m in modes}
+        times = interleaved(fns, device, deadline.share(len(cells) - i), **rounds(quick, 30))
         for mode, seconds in times.items():
-            entry = record(group, f"{mode} [{block_size}]", seconds, path=mode, block_size=block_size, sequences=sequences, baseline=mode == "rerun")
+            extra = dict(path=mode, block_size=block_size, sequences=sequences, baseline=mode == "rerun")
+            entry = record(group, f"{mode} [{block_size}]", seconds, **extra)
             entry["extra_info"]["tokens_per_s"] = round(sequences * tokens / entry["stats"]["median"])
             records.append(entry)
     return records
 
 
-def _generator(model: LanguageModel, context: torch.Tensor, mode: str, tokens: int, device: torch.device, graph: bool):
-    """A call that samples ``tokens`` more tokens per sequence, continuing its own cache, as
-    ``LanguageModel.generate`` does (``next_token``; ``graph``: replayed from a CUDA graph, captured
-    at the first call, which the warm-up makes)."""
-    if mode == "cached":
+def generation_call(mode: str, block_size: int, sequences: int, tokens: int, device: torch.device):
+    """A call that samples ``tokens`` more tokens per sequence after a full context, continuing its
+    own cache, as ``LanguageModel.generate`` does (``next_token``). ``mode``: ``cached`` (the model's
+    ring buffers) or ``rerun`` (the default cache of every LanguageModel: the last B tokens, re-run
+    through forward), with ``, CUDA graph``: replayed from a CUDA graph, captured at the first call."""
+    torch.manual_seed(42)
+    model = WaveNet(WaveNetConfig(VOCAB, block_size, N_EMBD, N_HIDDEN)).to(device).eval()
+    generator = torch.Generator().manual_seed(0)
+    context = torch.randint(0, VOCAB, (sequences, block_size), generator=generator).to(device)
+    if mode.startswith("cached"):
         prefill, step = model.prefill, model.step
-    else:  # the default cache of every LanguageModel: the last B tokens, re-run through forward
+    else:
         prefill, step = partial(LanguageModel.prefill, model), partial(LanguageModel.step, model)
     generator = torch.Generator(device).manual_seed(0)
     sample = partial(sample_next, generator=generator)
@@ -211,7 +234,7 @@ def _generator(model: LanguageModel, context: torch.Tensor, mode: str, tokens: i
         logits, cache = prefill(context)
         token = sample(logits)  # (N,): a static buffer, rewritten in place by every token
     advance = partial(next_token, step, token, cache, sample)
-    if graph:
+    if mode.endswith("CUDA graph"):
         advance = CUDAGraphed(advance, generator)
 
     @torch.no_grad()

@@ -126,19 +126,25 @@ def cross_entropy(args, device: torch.device) -> dict:
     return {"peaks": {"copy_gbps": copy}, "benchmarks": records}
 
 
-def orders(args, device: torch.device) -> dict:
-    from bench import bench_wavenet, timing
+def suite(name: str, args, device: torch.device) -> dict:
+    """One of bench/suites.py's suites (the orders, generation), with this process's math mode and yardsticks."""
+    from bench import timing
+    from bench.suites import SUITES
 
+    started = time.perf_counter()
     math_mode = timing.set_math_mode(device)
     peaks = timing.peaks(device, quick=args.dry_run, budget_s=3.0)
-    return {"math_mode": math_mode, "peaks": peaks, "benchmarks": bench_wavenet.orders(device, max(0.0, args.budget - 15), peaks, quick=args.dry_run)}
+    left = args.budget - (time.perf_counter() - started) - 10  # the last cell may overrun its share
+    records = SUITES[name][0](device, max(0.0, left), quick=args.dry_run)
+    return {"math_mode": math_mode, "peaks": peaks, "benchmarks": records}
+
+
+def orders(args, device: torch.device) -> dict:
+    return suite("orders", args, device)
 
 
 def generation(args, device: torch.device) -> dict:
-    from bench import bench_wavenet, timing
-
-    timing.set_math_mode(device)
-    return {"benchmarks": bench_wavenet.generation(device, max(0.0, args.budget - 10), quick=args.dry_run)}
+    return suite("generation", args, device)
 
 
 RACE_RECIPES = ("transformer-gpu", "shakespeare-gpu-a", "shakespeare-gpu-b", "shakespeare-gpu-c")
@@ -294,25 +300,16 @@ def race_lines(race: dict | None) -> list[str]:
 
 
 def table(benchmarks: list[dict]) -> list[str]:
-    """The measured entries as bench/report.py's sweep tables (a row per block size or V, a column
-    per path: rate ± spread, speed-up, shares), anything else one line each; then a count of the
-    entries not measured, and the values the suite reports beside its entries (the crossover)."""
+    """The measured entries as bench/report.py's tables; then a count of the entries not measured, and
+    the values the suite reports beside its entries (the crossover)."""
     from bench import report
 
-    groups: dict[str, list[dict]] = {}
-    for b in benchmarks:
-        if b.get("stats"):
-            groups.setdefault(b["group"], []).append(b)
-    lines = []
-    for name, group in groups.items():
-        if report.axis(group):
-            lines += ["", f"### {name}"] + [line for line in report.sweep_table(name, group) if line.startswith("|")]
-        else:
-            lines += ["", f"{name}:"] + [f"- {b['name']}: median {b['stats']['median'] * 1e3:.3g} ms, {b['extra_info']}" for b in group]
+    lines = report.tables(report.by_group(benchmarks), level=3)
     missing = [b for b in benchmarks if not b.get("stats")]
     if missing:
-        reasons = sorted({b.get("extra_info", {}).get("skipped", "?") for b in missing})
-        lines += ["", f"Not measured: {len(missing)} entries ({'; '.join(reasons)}): " + ", ".join(f"{b['group']} / {b['name']}" for b in missing[:12]) + (" …" if len(missing) > 12 else "")]
+        reasons = "; ".join(sorted({b.get("extra_info", {}).get("skipped", "?") for b in missing}))
+        names = ", ".join(f"{b['group']} / {b['name']}" for b in missing[:12]) + (" …" if len(missing) > 12 else "")
+        lines += ["", f"Not measured: {len(missing)} entries ({reasons}): {names}"]
     for key in ("crossover", "cuda_aten_below", "eager_crossover"):
         found = [b["extra_info"][key] for b in benchmarks if key in b.get("extra_info", {})]
         if found:

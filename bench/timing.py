@@ -7,9 +7,10 @@
   synchronize (the queue is empty, so launch overhead counts as it would for a user) and, with
   ``flush=True``, after zeroing a buffer twice the L2's size (memory-bound work then reads from
   device memory, not from the cache). On CPU, the host clock.
-- ``peaks(device)``: the yardsticks measured in the same run: float32 and bfloat16 matmul
-  GFLOP/s (square GEMMs big enough for the library's steady state) and a device-to-device copy's
-  GB/s (bytes read + written) over buffers of at least 8x the L2.
+- ``peaks(device)``: the yardsticks, measured once per process so that every share in a run is
+  against the same figures: float32 and bfloat16 matmul GFLOP/s (square GEMMs big enough for the
+  library's steady state) and a device-to-device copy's GB/s (bytes read + written) over buffers
+  of at least 8x the L2.
 - ``set_math_mode(device)``: the one math mode of every float32 comparison, set once per run.
 - ``record(...)``: one entry in pytest-benchmark's JSON shape, which bench/report.py reads.
 - ``peak_mib(fn, device)``: the most memory one call holds at once beyond what was held before it.
@@ -112,6 +113,11 @@ def interleaved(
     return times
 
 
+def rounds(quick: bool, most: int) -> dict:
+    """interleaved()'s rounds for a sweep: one or two quick (figures that mean nothing), else 3 to ``most``."""
+    return dict(min_rounds=1, max_rounds=2) if quick else dict(min_rounds=3, max_rounds=most)
+
+
 def stats(seconds: list[float]) -> dict:
     """pytest-benchmark's ``stats`` fields that bench/report.py reads."""
     ordered = sorted(seconds)
@@ -133,16 +139,33 @@ def record(group: str, name: str, seconds: list[float], **extra_info) -> dict:
     """One benchmark entry; ``extra_info['spread_pct']`` is the interquartile range over the median."""
     s = stats(seconds)
     extra_info.setdefault("spread_pct", round(100 * s["iqr"] / s["median"], 1) if s["median"] else 0.0)
-    return {"group": group, "name": name, "fullname": f"{group}::{name}", "params": {}, "stats": s, "extra_info": extra_info}
+    return _entry(group, name, s, extra_info)
+
+
+OUT_OF_TIME = "out of time budget"  # why a sweep's cell was not measured, where its budget ran out
 
 
 def skipped(group: str, name: str, reason: str, **extra_info) -> dict:
     """An entry that was not measured, and why (the report lists it; no figure is made up)."""
-    return {"group": group, "name": name, "fullname": f"{group}::{name}", "params": {}, "stats": None, "extra_info": dict(extra_info, skipped=reason)}
+    return _entry(group, name, None, dict(extra_info, skipped=reason))
+
+
+def _entry(group: str, name: str, s: dict | None, extra: dict) -> dict:
+    return {"group": group, "name": name, "fullname": f"{group}::{name}", "params": {}, "stats": s, "extra_info": extra}
+
+
+_peaks: dict = {}
 
 
 def peaks(device: torch.device, quick: bool = False, budget_s: float = 10.0) -> dict:
-    """Matmul GFLOP/s in float32 (this run's math mode) and bfloat16, and copy GB/s, measured now."""
+    """Matmul GFLOP/s in float32 (this run's math mode) and bfloat16, and copy GB/s: measured at the
+    first call for ``(device, quick)`` within ``budget_s``, the same figures at every later call."""
+    if (device, quick) not in _peaks:
+        _peaks[device, quick] = _measure_peaks(device, quick, budget_s)
+    return _peaks[device, quick]
+
+
+def _measure_peaks(device: torch.device, quick: bool, budget_s: float) -> dict:
     n = 256 if quick else 8192 if device.type == "cuda" else 2048
     gen = torch.Generator(device).manual_seed(0)
     a32, b32 = (torch.randn(n, n, device=device, generator=gen) for _ in range(2))  # random data: zeros run faster
