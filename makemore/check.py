@@ -16,7 +16,6 @@ Dropout is random by design, so the check builds the model without it.
 """
 
 import argparse
-import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -25,6 +24,7 @@ import torch
 
 from . import reference
 from .data import IGNORE_INDEX
+from .device import autocast, check_device, resolve_device
 from .models import MODELS as MODEL_CLASSES
 from .models import build_model
 from .nn import FlattenConsecutive
@@ -48,11 +48,10 @@ class Tolerance:
     grad: float  # per parameter, max |Δ grad| / max |reference grad|
 
 
-# Bounds with a margin over the measured worst cases (README, "What the equivalence tests compare").
-# "tf32": float32 matmuls or convolutions in TensorFloat-32 (10-bit mantissa) on CUDA. bfloat16's
-# gradient bound is loose: an input of a ReLU or tanh near 0 changes side under bf16 rounding, so
-# single entries of a gradient summed over the check's few outputs move by tens of percent (0.39
-# measured, head.weight of --model gated --n-levels 8 --stacks 2); it catches a wrong or missing term.
+# Bounds with a margin over the worst cases seen (docs/equivalence.md). "tf32": float32 matmuls or
+# convolutions in TensorFloat-32 (10-bit mantissa) on CUDA. bfloat16's gradient bound is loose: an
+# input of a ReLU or tanh near 0 changes side under bf16 rounding, so single entries of a gradient
+# summed over the check's few outputs move by tens of percent; it still catches a wrong or missing term.
 TOLERANCES = {
     "float64": Tolerance(1e-10, 1e-10, 1e-9),
     "float32": Tolerance(1e-4, 1e-5, 1e-4),
@@ -216,7 +215,7 @@ def compare(model, S: torch.Tensor, Y: torch.Tensor, *, dtype: torch.dtype, tole
     """
     device = S.device
     tolerance = tolerance or TOLERANCES[math_mode(dtype, device)]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    mixed = autocast(device, dtype)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     rows, references = [], {}
     for training in (False, True):
@@ -230,7 +229,7 @@ def compare(model, S: torch.Tensor, Y: torch.Tensor, *, dtype: torch.dtype, tole
                 references[key] = reference_of(model, S, Y, training=training, population=order.population, window_batch=order.window_batch)
             ref = references[key]
             model.zero_grad(set_to_none=True)
-            with autocast:
+            with mixed:
                 logits, loss = order.run(model, S, Y)
             loss.float().backward()
             grad = 0.0
@@ -324,14 +323,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.sequences < 1 or args.outputs < 1:
             raise ValueError(f"--sequences and --outputs must be >= 1, got {args.sequences} and {args.outputs}")
         config, model_config = make_configs({"model": args.model, **given})
-        device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu" if config.device == "auto" else config.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+        device = resolve_device(config.device)
+        check_device(device)
     except ValueError as e:
         print(f"makemore.check: error: {e}", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype]
-    if device.type == "cpu":  # a few sequences, many small ops: extra threads only add overhead (64 s against 4 s, measured)
+    if device.type == "cpu":  # a few sequences, many small ops: extra threads only add overhead
         torch.set_num_threads(1)
     if hasattr(model_config, "dropout"):
         model_config = replace(model_config, dropout=0.0)

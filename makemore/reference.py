@@ -62,7 +62,7 @@ def once_per_node_levels(order: str, T: int, n_levels: int) -> int:
 
 @contextlib.contextmanager
 def _one_thread():
-    """Thousands of vector-sized ops: extra threads only add overhead (measured 15-30x slower with them on a busy 2-core machine)."""
+    """Thousands of vector-sized ops: extra threads only add overhead, many times over on a busy machine."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

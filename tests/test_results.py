@@ -4,6 +4,7 @@ Each val says whose weights it is: the best checkpoint's where a race or study r
 the last weights' beside it), else the last weights' (every record written before best checkpoints existed).
 """
 
+import datetime
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from bench import results
 from makemore.cli import main as makemore
 
 BEGIN, END = results.BEGIN, results.END
+DAY = {day: datetime.date(2026, 11, day).isoformat() for day in (23, 26, 27, 28)}  # the records' dates
 
 
 def repo(tmp_path: Path, records: dict) -> Path:
@@ -22,7 +24,7 @@ def repo(tmp_path: Path, records: dict) -> Path:
     (root / "docs/benchmarks").mkdir()
     (root / results.RUNS_JSON).write_text(json.dumps({"records": records}))
     machine = {"cpu": "Test CPU", "cores": 2, "gpu": None, "load_average": [0.25, 0.5, 1.0]}
-    race = {"command": "python -m bench.race --data tinyshakespeare --budget 60", "date": "2026-11-27", "machine": machine, "budget": 60.0, "rows": [
+    race = {"command": "python -m bench.race --data tinyshakespeare --budget 60", "date": DAY[27], "machine": machine, "budget": 60.0, "rows": [
         {"recipe": "shakespeare-60s", "model": "gated", "params": 255489, "steps": 3079, "train_seconds": 60.003, "train": 1.30807, "own_val": 1.61149,
          "val": 1.61149, "val_targets": 111284, "device": "cpu", "dtype": "bfloat16", "best_val": 1.59002, "best_step": 2500, "best_seconds": 49.7,
          "flops_per_step": 2.5e9, "mfu": 0.1234},
@@ -30,11 +32,11 @@ def repo(tmp_path: Path, records: dict) -> Path:
          "val": 1.70241, "val_targets": 111284},
     ]}  # fmt: skip
     (root / "docs/race/race-60s.json").write_text(json.dumps(race))
-    scaling = {"command": "python -m bench.scaling", "date": "2026-11-28", "machine": machine, "budget": 180.0, "loss": [
+    scaling = {"command": "python -m bench.scaling", "date": DAY[28], "machine": machine, "budget": 180.0, "loss": [
         {"recipe": "shakespeare-3m", "model": "gated", "R": 1024, "params": 600000, "steps": 900, "train_seconds": 180.0, "train": 1.4, "val": 1.55561, "val_targets": 100000},
     ], "speed": []}  # fmt: skip
     (root / "docs/scaling/scaling.json").write_text(json.dumps(scaling))
-    (root / "docs/benchmarks/results.json").write_text(json.dumps({"date": "2026-11-26T10:00:00+00:00", "device": "CPU", "command": "python -m bench --budget 480"}))
+    (root / "docs/benchmarks/results.json").write_text(json.dumps({"date": f"{DAY[26]}T10:00:00+00:00", "device": "CPU", "command": "python -m bench --budget 480"}))
     (root / "README.md").write_text(f"# project\n\nintro\n\n{BEGIN}\n| stale | table |\n{END}\n\n## after\n")
     return root
 
@@ -45,7 +47,7 @@ def block(text: str) -> str:
 
 def test_the_table_holds_every_record_race_and_study_row_and_check_catches_a_stale_readme(tmp_path, capsys):
     record = {"recipe": "fast", "model": "wavenet", "params": 76579, "steps": 600, "train_seconds": 10.0, "train": 1.99, "val": "2.036–2.064",
-              "test": 2.0501, "device": "cpu", "dtype": "float32", "machine": "Test CPU, 2 cores", "date": "2026-11-23",
+              "test": 2.0501, "device": "cpu", "dtype": "float32", "machine": "Test CPU, 2 cores", "date": DAY[23],
               "command": "makemore train --recipe fast", "source": "recorded before bench.results existed", "notes": "6 runs"}  # fmt: skip
     root = repo(tmp_path, {"fast": record})
     assert results.main(["--check", "--root", str(root)]) == 1
@@ -57,20 +59,20 @@ def test_the_table_holds_every_record_race_and_study_row_and_check_catches_a_sta
     rows = [line for line in block(readme).splitlines() if line.startswith("| `")]
     assert rows == [
         "| `fast` | wavenet | 76,579 | 600 | 10 s | 1.9900 | **2.036–2.064** last | 2.0501 | cpu, float32 "
-        "| Test CPU, 2 cores | 2026-11-23 † | `makemore train --recipe fast` | 6 runs |",
+        f"| Test CPU, 2 cores | {DAY[23]} † | `makemore train --recipe fast` | 6 runs |",
         "| `shakespeare-60s`, race 60 s | gated | 255,489 | 3,079 | 60 s | 1.3081 "
         "| **1.5900** best (step 2,500, 49.7 s); 1.6115 last | — | cpu, bfloat16 "
-        "| Test CPU, 2 cores, load 0.2 at the start | 2026-11-27 | `python -m bench.race --data tinyshakespeare --budget 60` "
+        f"| Test CPU, 2 cores, load 0.2 at the start | {DAY[27]} | `python -m bench.race --data tinyshakespeare --budget 60` "
         "| race at 60 s against transformer-60s: val on the same 111,284 targets (the run's own val 1.6115); "
         "2.5 GFLOP a step, MFU 12.3% of the bfloat16 matmul peak measured there |",
         "| `transformer-60s`, race 60 s | transformer | 795,904 | 1,019 | 60 s | 1.5117 | **1.7024** last | — | cpu "
-        "| Test CPU, 2 cores, load 0.2 at the start | 2026-11-27 | `python -m bench.race --data tinyshakespeare --budget 60` "
+        f"| Test CPU, 2 cores, load 0.2 at the start | {DAY[27]} | `python -m bench.race --data tinyshakespeare --budget 60` "
         "| race at 60 s against shakespeare-60s: val on the same 111,284 targets (the run's own val 1.7021) |",
         "| `shakespeare-3m` at R 1,024 | gated | 600,000 | 900 | 180 s | 1.4000 | **1.5556** last | — | cpu "
-        "| Test CPU, 2 cores | 2026-11-28 | `python -m bench.scaling` "
+        f"| Test CPU, 2 cores | {DAY[28]} | `python -m bench.scaling` "
         "| context study at 180 s: val on the same 100,000 targets |",
     ]
-    assert "`python -m bench --budget 480` on CPU" in block(readme) and "2026-11-26" in block(readme)
+    assert "`python -m bench --budget 480` on CPU" in block(readme) and DAY[26] in block(readme)
     assert "](docs/benchmarks/results.md)" in block(readme)
     page = (root / results.RESULTS_MD).read_text()  # the same table, its link relative to docs/
     assert block(readme).replace("](docs/benchmarks/", "](benchmarks/") in page

@@ -48,7 +48,7 @@ from .base import LanguageModel, left_pad
 
 # Query positions per attention block: W / 2, at least MIN_BLOCK. Each block reads Q + W - 1 keys, so
 # smaller blocks waste fewer scores, but below this many a block's matmuls are too small to run
-# fast (measured on our CPU, W 17 .. 1025: within 10-20% of the best block size at every W).
+# fast (docs/models.md, "The Transformer baseline").
 MIN_BLOCK = 32
 ROPE_BASE = 10_000.0  # the RoPE paper's (and Llama's) base of the rotation frequencies
 
@@ -136,9 +136,9 @@ class SlidingWindowAttention(nn.Module):
 
 
 def _attention(q, k, v, mask=None, dropout: float = 0.0) -> torch.Tensor:
-    """SDPA; on the CPU in float32 even under bf16 autocast: PyTorch's CPU flash-attention kernel runs
-    2-2.5x slower in bf16 than in float32 here (forward and backward, measured on our CPU at W 17 and
-    65), while the projections around it, most of the FLOPs, gain 4x from bf16 and keep it."""
+    """SDPA; on the CPU in float32 even under bf16 autocast: PyTorch's CPU flash-attention kernel is
+    slower in bf16 than in float32, while the projections around it, most of the FLOPs, gain from bf16
+    and keep it (docs/models.md, "The Transformer baseline")."""
     if q.device.type == "cpu" and q.dtype != torch.float32:
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout).to(q.dtype)

@@ -3,9 +3,8 @@
 Diverged: a step's loss since the last check is nan or inf, or their mean exceeds FACTOR x
 max(the first step's loss, ln V). The first step's loss is where training starts (ln V for a
 uniform guess; higher for an over-confident init), and training lowers it; minibatch noise moves
-it by tenths, far from 3x (measured: the lecture recipe's first step is 3.32 and no batch of 32 in
-its first 10,000 steps comes above it; the limit is 9.9). A too-high learning rate sends the loss
-to tens, thousands or nan within a few steps, so nothing in between needs telling apart.
+it by tenths, far from 3x (docs/reliability.md has the lecture recipe's figures). A too-high learning
+rate sends the loss to tens, thousands or nan within a few steps, so nothing in between needs telling apart.
 
 Before a checkpoint the guard also checks the current weights, the ones a checkpoint would hold:
 the losses so far were computed before the last update, which alone can ruin the weights (one

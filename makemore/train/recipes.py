@@ -1,4 +1,7 @@
-"""Recipes: named overrides of the defaults (TrainConfig's and the model's), as flat settings."""
+"""Recipes: named overrides of the defaults (TrainConfig's and the model's), as flat settings.
+
+How each was tuned, and what it reaches on which machine: docs/recipes.md.
+"""
 
 _SHAKESPEARE = dict(
     data="tinyshakespeare", model="gated", layout="sequences", batch_size=2, optimizer="adamw", min_lr=1e-4, schedule="cosine",
@@ -12,8 +15,8 @@ _GPU = dict(
 )
 
 RECIPES = {
-    # Lecture 5's run: hierarchical WaveNet, n_embd 24, n_hidden 128, 76,579 parameters, SGD 200k steps: val 1.993.
-    # float32 on every machine: the notebook's arithmetic, bit for bit.
+    # Lecture 5's run: hierarchical WaveNet, n_embd 24, n_hidden 128, SGD for 200k steps; float32 on every
+    # machine, so that it is the notebook's arithmetic bit for bit.
     "lecture": dict(dtype="float32"),
     # The same model to the lecture's val loss in seconds: AdamW, large batches, the fused BatchNorm + tanh.
     "fast": dict(
@@ -22,16 +25,14 @@ RECIPES = {
     ),  # fmt: skip
     # Long contexts on tinyshakespeare (first 90% train, last 10% val), each stopping at its time budget:
     # the WaveNet paper's gated residual block through the convolution, AdamW, long training sequences.
-    # At 60 s a short receptive field and wide layers win (R 64, width 160: val 1.546 against 1.612 for R 256 at
-    # width 64; docs/recipes.md): more steps of a wider model beat more context in so little time.
+    # In a short budget a short receptive field and wide layers win: more steps of a wider model beat more context.
     "shakespeare-60s": dict(_SHAKESPEARE, max_seconds=60.0, seq_len=1024, n_embd=160, n_hidden=160, n_skip=320, n_levels=6, lr=6e-3),
-    # At 180 s the same holds (R 128, width 160: 1.526; R 64: 1.531, with dropout 0.25 1.545; R 256 at width 96: 1.559).
+    # A longer budget affords a longer receptive field, and needs dropout against overfitting.
     "shakespeare-3m": dict(_SHAKESPEARE, max_seconds=180.0, seq_len=1024, n_embd=160, n_hidden=160, n_skip=320, n_levels=7, lr=6e-3, dropout=0.1),
-    # 900 s: wider and a longer R than the 180 s recipe, more dropout (was R 512 at width 96: 1.547).
     "shakespeare-15m": dict(_SHAKESPEARE, max_seconds=900.0, seq_len=2048, n_embd=192, n_hidden=192, n_skip=384, n_levels=8, lr=5e-3, dropout=0.2),
     # The Transformer baseline for the same budgets and data (bench/race.py races each against the WaveNet above):
-    # nanoGPT's GPT, rotary positions, sliding-window attention so that every prediction sees exactly R tokens (--dtype auto: bf16 matmuls here).
-    # Rows of 128 targets, 16 a step: at equal steps, more and shorter rows learned faster than 8 x 256 (README).
+    # nanoGPT's GPT, rotary positions, sliding-window attention so that every prediction sees exactly R tokens.
+    # Rows of 128 targets, 16 a step: at equal steps more and shorter rows learn faster than fewer long ones.
     "transformer-60s": dict(
         _SHAKESPEARE, model="transformer", max_seconds=60.0, block_size=64, n_layer=4, n_head=4, n_embd=128, seq_len=128, batch_size=16,
         lr=3e-3,
@@ -44,8 +45,8 @@ RECIPES = {
         _SHAKESPEARE, model="transformer", max_seconds=900.0, block_size=256, n_layer=6, n_head=6, n_embd=192, seq_len=256, batch_size=16,
         lr=2e-3, dropout=0.2,
     ),  # fmt: skip
-    # One H100, 60 s of training: the WaveNet that memorised its training split there, eager (docs/recipes.md#on-a-gpu).
-    # The winner of the GPU race among the candidates below takes its place.
+    # One GPU, 60 s of training; the winner of the GPU race among the candidates below takes its place
+    # (docs/recipes.md#on-a-gpu).
     "shakespeare-gpu": dict(
         _SHAKESPEARE, max_seconds=60.0, batch_size=64, seq_len=1024, n_embd=256, n_hidden=256, n_skip=512, n_levels=8, stacks=2,
         dropout=0.25, lr=3e-3, grad_clip=1.0, dtype="bfloat16",
@@ -66,16 +67,16 @@ RECIPES = {
     "shakespeare-gpu-c": dict(
         _GPU, stacks=1, n_levels=8, n_embd=192, n_hidden=192, n_skip=384, dropout=0.2, batch_size=128, lr=6e-3
     ),
-    # The best names model we could train in 10 minutes on our 2-core CPU: the gated block over whole names (context 16).
+    # The best names model in 10 minutes of a 2-core CPU: the gated block over whole names (context 16).
     "names-best": dict(
         model="gated", layout="sequences", n_levels=4, n_embd=96, n_hidden=96, n_skip=192, dropout=0.3, batch_size=64,
         optimizer="adamw", lr=3e-3, min_lr=1e-5, schedule="cosine", warmup=0.02, weight_decay=0.1, max_steps=1_000_000,
         max_seconds=600.0, eval_interval=500, eval_iters=20, log_interval=100, checkpoint_interval=10_000_000,
     ),  # fmt: skip
-    # Earlier rows of lecture 5's log (val loss the lecture reports).
-    "mlp3": dict(model="mlp", block_size=3, n_embd=10, n_hidden=200),  # 12K params: 2.105
-    "mlp8": dict(model="mlp", block_size=8, n_embd=10, n_hidden=200),  # 22K params: 2.027
-    "wavenet22k": dict(n_embd=10, n_hidden=68),  # 22K params, with the 3-D BatchNorm: 2.022
+    # Earlier rows of lecture 5's log: the MLP with 3 and 8 tokens of context, the 22K-parameter WaveNet.
+    "mlp3": dict(model="mlp", block_size=3, n_embd=10, n_hidden=200),
+    "mlp8": dict(model="mlp", block_size=8, n_embd=10, n_hidden=200),
+    "wavenet22k": dict(n_embd=10, n_hidden=68),
     # Lectures 1 and 2: counts, and the bigram as one linear layer.
     "bigram": dict(model="ngram", n=2, max_steps=0),
     "trigram": dict(model="ngram", n=3, max_steps=0),
