@@ -30,8 +30,9 @@ Flat blocks. Rows of V classes in a contiguous (N, V) tensor are one run of memo
 27 or 65 floats does not start on a 16-byte boundary, so loads of the [ROWS, BLOCK_V] tile are
 4 bytes wide. Where rows are contiguous and V is not a multiple of 16, a block of FLAT_ROWS rows
 is loaded as one aligned run of FLAT_ROWS x V elements (16-byte vectors: FLAT_ROWS is a multiple
-of the rows that make 16 bytes) and ``tl.gather`` moves it into the tiles in registers; gradients
-go back the same way and are stored as 16-byte vectors too.
+of the rows that make 16 bytes) and ``tl.gather`` moves it into the tiles in registers for the
+row reductions. Gradients are computed on the flat lanes, each row's values gathered to its
+lanes, and stored as 16-byte vectors too.
 
 Targets are only ever compared with column indices, never used as addresses: a bad target
 cannot make a kernel read out of bounds. It fails a ``tl.device_assert`` (the kernels compile
@@ -133,22 +134,6 @@ def _flat_to_tile(x_flat, r, c, row_in, V: tl.constexpr, ROWS: tl.constexpr, COL
 
 
 @triton.jit
-def _tile_to_flat(
-    g, g_tail, V: tl.constexpr, FLAT: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, TAIL: tl.constexpr
-):
-    """The inverse of _flat_to_tile for the head tile and its tail: the block's values in memory order."""
-    f = tl.arange(0, FLAT)
-    row = f // V
-    col = f - row * V
-    row = tl.minimum(row, ROWS - 1)  # lanes past the block: stored nowhere
-    out = tl.gather(tl.reshape(g, [ROWS * BLOCK_V]), tl.minimum(row * BLOCK_V + col, ROWS * BLOCK_V - 1), 0)
-    if TAIL:
-        tail = tl.minimum(tl.maximum(row * TAIL + col - BLOCK_V, 0), ROWS * TAIL - 1)
-        out = tl.where(col >= BLOCK_V, tl.gather(tl.reshape(g_tail, [ROWS * TAIL]), tail, 0), out)
-    return out
-
-
-@triton.jit
 def _tile_sums(x, c, shift, cls, n_cols):
     """A tile's share of (sum of exp(x - shift), the target's logit, the sum of the logits)."""
     e = tl.sum(tl.exp(x - shift[:, None]), 1)
@@ -239,9 +224,8 @@ def _finish(
             total = total / count.to(tl.float64)  # 0 / 0: nan, as PyTorch
             if WRITE_COUNT:
                 tl.store(count_ptr, count.to(count_ptr.dtype.element_ty))
-        tl.store(
-            loss_ptr, total.to(loss_sum.dtype).to(loss_ptr.dtype.element_ty)
-        )  # via ACC: the interpreter's f64 -> bf16 is wrong
+        total = total.to(loss_sum.dtype)  # through ACC: the interpreter rounds float64 to bfloat16 wrongly
+        tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
         tl.atomic_xchg(work_ptr + NEXT, 0)
         tl.atomic_xchg(work_ptr + DONE, 0)
         tl.atomic_xchg(work_ptr + TICKET, 0)
