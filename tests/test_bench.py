@@ -1,14 +1,17 @@
-"""The benchmark harness: interleaved timing, its statistics, and a report that fits a GPU lease's 8 files; the race.
+"""The benchmark harness: interleaved timing, its statistics, the report's files, the GPU command's caps; the race.
 
-The benchmarks themselves run in CI through ``python -m bench --quick``, ``python -m bench.race --quick`` and
-``bash bench/gpu.sh --dry-run`` (.ci/run); these check the pieces whose mistakes would not crash those runs.
+The benchmarks themselves run in CI through ``python -m bench --quick``, ``python -m bench.race --quick``,
+``bash bench/gpu.sh --dry-run`` and ``pytest bench --benchmark-only --quick`` (.ci/run); these check the pieces
+whose mistakes would not crash those runs.
 """
 
 import json
+import os
+import time
 
 import torch
 
-from bench import race, report, timing
+from bench import gpu, race, report, timing
 from makemore.cli import main as makemore
 
 
@@ -35,27 +38,45 @@ def sweep_entries(group: str, paths: list[str], sizes: list[int]) -> list[dict]:
     entries = []
     for p in paths:
         for b in sizes:
-            entry = timing.record(group, f"{p} [{b}]", [0.01 * b, 0.011 * b, 0.012 * b], path=p, block_size=b, baseline=p == paths[0])
+            seconds = [0.01 * b, 0.011 * b, 0.012 * b]
+            entry = timing.record(group, f"{p} [{b}]", seconds, path=p, block_size=b, baseline=p == paths[0])
             entry["extra_info"]["positions_per_s"] = round(1 / entry["stats"]["median"])
             entries.append(entry)
     return entries
 
 
-def test_report_stays_within_a_leases_files_and_lists_what_was_not_measured(tmp_path):
+def test_report_writes_at_most_max_pngs_plots_and_lists_what_was_not_measured(tmp_path):
     benchmarks = []
-    for group in ["wavenet fwd+bwd, float32", "wavenet fwd, bfloat16", "gated fwd+bwd, float32", "cross-entropy forward", "x one", "y two", "z three"]:
+    groups = ["wavenet fwd+bwd, float32", "wavenet fwd, bfloat16", "gated fwd+bwd, float32", "cross-entropy forward"]
+    for group in groups + ["x one", "y two", "z three"]:
         benchmarks += sweep_entries(group, ["windows", "conv"], [8, 64])
-    benchmarks.append(timing.skipped("wavenet fwd, bfloat16", "conv [4096]", "out of time budget", path="conv", block_size=4096))
-    benchmarks.append(timing.record("training step", "eager", [0.5, 0.6], path="eager", case="lecture", tokens_per_s=64))
+    benchmarks.append(timing.skipped("wavenet fwd, bfloat16", "conv [4096]", "out of time budget", path="conv"))
+    step = dict(path="eager", case="lecture", tokens_per_s=64)
+    benchmarks.append(timing.record("training step", "eager", [0.5, 0.6], **step))
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"machine_info": {}, "benchmarks": benchmarks}))
     written = report.write(results, tmp_path)
-    assert len(written) + 1 <= 8  # with results.json
+    assert len(written) <= report.MAX_PNGS + 1  # with results.md
     assert len([p for p in written if p.suffix == ".png"]) <= report.MAX_PNGS
     assert all(p.exists() for p in written)
     md = (tmp_path / "results.md").read_text()
     assert "conv [4096]: out of time budget" in md
     assert "wavenet fwd+bwd, float32" in md and "z three" in md  # every group has its table, plotted or not
+
+
+def test_a_gpu_step_past_its_cap_is_killed_with_every_process_it_started():
+    started = time.perf_counter()
+    code, output, _ = gpu.run(["bash", "-c", "sleep 60 & echo $!; wait"], timeout=1)
+    assert code == 124 and time.perf_counter() - started < 30
+    grandchild = int(output.split()[0])
+    for _ in range(100):  # killed, then reaped by init
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the step's own child {grandchild} outlived its cap")
 
 
 def test_step_flops_count_every_matmul_of_a_steps_forward_and_backward_at_the_runs_batch(tmp_path):
