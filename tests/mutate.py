@@ -4,17 +4,20 @@
     python tests/mutate.py --list    # their names, files and the tests meant to catch each
     python tests/mutate.py NAME ...  # only these
 
-Each mutation replaces one exact snippet of one file (it must occur exactly once) in a fresh copy
-of the repository in a temporary directory (the working tree is never written), then runs only the
+Each mutation replaces one expression or statement inside one function of one file, found by its
+syntax tree (so a formatter pass or an edited comment cannot move it; it must occur exactly once in
+that function), in a fresh copy of the repository in a temporary directory (the working tree is
+never written), then runs only the
 tests named for it there (pytest -x, CPU cases, the "ci" hypothesis profile; the Triton kernel's
 under TRITON_INTERPRET=1). A mutation is killed when a test fails; a copy whose tests cannot be
 collected, or whose named tests are not found, is an error, not a kill. First the same tests run
 on an unmutated copy and must pass, so that a kill means the mutation, not a broken test.
-A snippet that is no longer in its file stops the check with its name: the source moved on and the
-mutation must be rewritten to match it.
+A mutation whose code is no longer in its function stops the check with its name: the source moved
+on and the mutation must be rewritten to match it.
 """
 
 import argparse
+import ast
 import importlib
 import os
 import re
@@ -33,7 +36,7 @@ torch = importlib.import_module("torch")  # imported once here, before the forks
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = min(4, os.cpu_count() or 1)  # mutations tested side by side
-COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "runs", "docs", ".hypothesis", "__pycache__", ".pytest_cache", "*.egg-info", ".benchmarks")
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv*", "runs", "docs", ".hypothesis", "__pycache__", ".pytest_cache", "*.egg-info", ".benchmarks")
 
 EQ = "tests/test_equivalence.py::"
 GATED = "tests/test_gated.py::"
@@ -48,79 +51,130 @@ CE = "tests/test_cross_entropy.py::"
 class Mutation:
     name: str
     file: str
-    old: str
-    new: str
+    scope: str  # the function that holds the code: "name" or "Class.method"
+    old: str  # a Python expression or statement, found by its syntax tree: formatting and comments do not matter
+    new: str  # the source that takes its place
     tests: tuple[str, ...]
     interpret: bool = False  # run the tests with TRITON_INTERPRET=1 (Triton kernels on the CPU)
 
 
+M = Mutation
 MUTATIONS = [
     # The lecture's WaveNet, each order.
-    Mutation("wavenet conv: children swapped", "makemore/models/wavenet.py",
-             "torch.cat([x[:, :-d], x[:, d:]], dim=-1)", "torch.cat([x[:, d:], x[:, :-d]], dim=-1)", (WAVENET_8,)),
-    Mutation("wavenet conv1d: taps swapped", "makemore/models/wavenet.py",
-             "block.conv_weight(), dilation=d)", "block.conv_weight().flip(-1), dilation=d)", (WAVENET_8,)),
-    Mutation("wavenet windows: padding counted in BatchNorm", "makemore/models/wavenet.py",
-             "mask = None if valid is None else valid.reshape(-1, 1).expand(y.shape[:-1])", "mask = None", (WAVENET_8,)),
-    Mutation("wavenet conv: node mask misses left children", "makemore/models/wavenet.py",
-             "masks.append(torch.cat([masks[-1], pad], 1) | torch.cat([pad, masks[-1]], 1))", "masks.append(torch.cat([masks[-1], pad], 1))", (WAVENET_8,)),
-    Mutation("wavenet cached: eps dropped from folded BatchNorm", "makemore/models/wavenet.py",
-             "torch.sqrt(bn.running_var + bn.eps)", "torch.sqrt(bn.running_var)", (WAVENET_8,)),
-    Mutation("cached steps: ring slot off by one", "makemore/models/base.py",
-             "torch.remainder(self.pos, ring.shape[1])", "torch.remainder(self.pos + 1, ring.shape[1])", (WAVENET_8, GATED_3)),
+    M("wavenet conv: children swapped", "makemore/models/wavenet.py", "WaveNet._dilated_mix",
+      "torch.cat([x[:, :-d], x[:, d:]], dim=-1)", "torch.cat([x[:, d:], x[:, :-d]], dim=-1)", (WAVENET_8,)),
+    M("wavenet conv1d: taps swapped", "makemore/models/wavenet.py", "WaveNet._dilated_mix",
+      "block.conv_weight()", "block.conv_weight().flip(-1)", (WAVENET_8,)),
+    M("wavenet windows: padding counted in BatchNorm", "makemore/models/wavenet.py", "WaveNet._walk",
+      "mask = None if valid is None else valid.reshape(-1, 1).expand(y.shape[:-1])", "mask = None", (WAVENET_8,)),
+    M("wavenet conv: node mask misses left children", "makemore/models/wavenet.py", "WaveNet._node_masks",
+      "torch.cat([masks[-1], pad], 1) | torch.cat([pad, masks[-1]], 1)", "torch.cat([masks[-1], pad], 1)", (WAVENET_8,)),
+    M("wavenet cached: eps dropped from folded BatchNorm", "makemore/models/wavenet.py", "TreeBlock.folded",
+      "torch.sqrt(bn.running_var + bn.eps)", "torch.sqrt(bn.running_var)", (WAVENET_8,)),
+    M("cached steps: ring slot off by one", "makemore/models/base.py", "Rings.swap",
+      "torch.remainder(self.pos, ring.shape[1])", "torch.remainder(self.pos + 1, ring.shape[1])", (WAVENET_8, GATED_3)),
     # The lecture's layers: shared by every order, caught only by the reference.
-    Mutation("BatchNorm: eps 1e-3 in every order", "makemore/nn.py",
-             "eps: float = 1e-5", "eps: float = 1e-3", (WAVENET_8,)),
-    Mutation("BatchNorm masked: biased variance", "makemore/nn.py",
-             "var = ((x - mean).square() * w).sum(dims) / (n - 1).clamp_min(1)", "var = ((x - mean).square() * w).sum(dims) / n", (WAVENET_8,)),
-    Mutation("fused BatchNorm masked: biased variance", "makemore/nn.py",
-             "var = (weights.T @ xc.square()).squeeze(0) / (n - 1).clamp_min(1)", "var = (weights.T @ xc.square()).squeeze(0) / n",
-             (EQ + "test_every_order_is_the_reference_in_eval_and_training_mode[cpu-block8-fused-f64]",)),
+    M("BatchNorm: eps 1e-3 in every order", "makemore/nn.py", "BatchNorm1d.__init__", "1e-5", "1e-3", (WAVENET_8,)),
+    M("BatchNorm masked: biased variance", "makemore/nn.py", "BatchNorm1d._batch_stats",
+      "((x - mean).square() * w).sum(dims) / (n - 1).clamp_min(1)", "((x - mean).square() * w).sum(dims) / n", (WAVENET_8,)),
+    M("fused BatchNorm masked: biased variance", "makemore/nn.py", "_BatchNormTanh.forward",
+      "(weights.T @ xc.square()).squeeze(0) / (n - 1).clamp_min(1)", "(weights.T @ xc.square()).squeeze(0) / n",
+      (EQ + "test_every_order_is_the_reference_in_eval_and_training_mode[cpu-block8-fused-f64]",)),
     # The gated WaveNet, each order.
-    Mutation("gated conv: filter taps swapped", "makemore/models/gated.py",
-             "addmm_(xc[d:], w[C:])", "addmm_(xc[d:], w[:C])", (GATED_3,)),
-    Mutation("gated conv backward: residual dropped", "makemore/models/gated.py",
-             "dx[d:] += dx_next  # the residual", "pass  # the residual", (GATED_3,)),
-    Mutation("gated windows: children swapped in the tree", "makemore/models/gated.py",
-             "z = layer.gate(x[0::2], right)", "z = layer.gate(right, x[0::2])", (GATED_STACKS,)),
-    Mutation("gated: dilation schedule rotated", "makemore/models/gated.py",
-             "2 ** (k % config.n_levels), n_layers", "2 ** ((k + 1) % config.n_levels), n_layers", (GATED_3,)),
-    Mutation("gated cached: children swapped", "makemore/models/gated.py",
-             "z = layer.gate(cache.swap(i, x), x)", "z = layer.gate(x, cache.swap(i, x))", (GATED_3,)),
+    M("gated conv: filter taps swapped", "makemore/models/gated.py", "_DilatedGated.forward",
+      "torch.addmm(bias.to(dtype), xc[:-d], w[:C]).addmm_(xc[d:], w[C:])",
+      "torch.addmm(bias.to(dtype), xc[:-d], w[:C]).addmm_(xc[d:], w[:C])", (GATED_3,)),
+    M("gated conv backward: residual dropped", "makemore/models/gated.py", "_DilatedGated.backward",
+      "dx[d:] += dx_next", "pass", (GATED_3,)),
+    M("gated windows: children swapped in the tree", "makemore/models/gated.py", "GatedWaveNet._walk",
+      "layer.gate(x[0::2], right)", "layer.gate(right, x[0::2])", (GATED_STACKS,)),
+    M("gated: dilation schedule rotated", "makemore/models/gated.py", "GatedWaveNet.__init__",
+      "2 ** (k % config.n_levels)", "2 ** ((k + 1) % config.n_levels)", (GATED_3,)),
+    M("gated cached: children swapped", "makemore/models/gated.py", "GatedWaveNet.step",
+      "layer.gate(cache.swap(i, x), x)", "layer.gate(x, cache.swap(i, x))", (GATED_3,)),
     # The cross-entropy: fallback, dispatch, Triton kernel (interpreted).
-    Mutation("cross-entropy fallback: ignored rows keep their gradient", "kernels/_torch.py",
-             "torch.where(ignored, 0.0, scale)", "scale", (CE + "test_matches_torch[some-0.0-mean-7-65-torch]",)),
-    Mutation("cross-entropy auto: dispatch inverted", "kernels/loss.py",
-             'return "aten" if numel < ATEN_BELOW and not inplace_grad else "torch"', 'return "torch" if numel < ATEN_BELOW and not inplace_grad else "aten"',
-             (CE + "test_auto_on_cpu_takes_f_cross_entropy_below_the_crossover",)),
-    Mutation("cross-entropy Triton: loss sign", "kernels/_triton.py",
-             "loss = (m - x_target) + log_d", "loss = (x_target - m) + log_d", (CE + "test_matches_torch[some-0.0-mean-7-65-triton]",), interpret=True),
-    Mutation("cross-entropy Triton: gradient of ignored rows", "kernels/_triton.py",
-             "return g * weight[:, None]", "return g * tl.where(weight[:, None] == 0, 1.0, weight[:, None])",
-             (CE + "test_matches_torch[some-0.0-mean-7-65-triton]",), interpret=True),
-    Mutation("cross-entropy Triton: flat block's gradient reads the wrong row's target", "kernels/_triton.py",
-             "col == tl.gather(cls, row, 0)", "col == tl.gather(cls, tl.maximum(row - 1, 0), 0)",
-             (CE + "test_matches_torch_on_a_full_batch[0.0-mean-65-triton]",), interpret=True),
-    Mutation("cross-entropy Triton: mean over one target too many", "kernels/_triton.py",
-             "total = total / count.to(tl.float64)", "total = total / (count + 1).to(tl.float64)",
-             (CE + "test_matches_torch[some-0.0-mean-7-65-triton]",), interpret=True),
-    Mutation("cross-entropy Triton: in-place count misses the last target", "kernels/_triton.py",
-             "mask=rows < n_rows, other=ignore_index)", "mask=rows < n_rows - 1, other=ignore_index)",
-             (CE + "test_float64_is_computed_in_float64[True-mean-27-triton]",), interpret=True),
+    M("cross-entropy fallback: ignored rows keep their gradient", "kernels/_torch.py", "_row_weights",
+      "torch.where(ignored, 0.0, scale)", "scale", (CE + "test_matches_torch[some-0.0-mean-7-65-torch]",)),
+    M("cross-entropy auto: dispatch inverted", "kernels/loss.py", "pick_backend",
+      '"aten" if numel < ATEN_BELOW and not inplace_grad else "torch"',
+      '"torch" if numel < ATEN_BELOW and not inplace_grad else "aten"',
+      (CE + "test_auto_on_cpu_takes_f_cross_entropy_below_the_crossover",)),
+    M("cross-entropy Triton: loss sign", "kernels/_triton.py", "_forward_kernel",
+      "(m - x_target) + log_d", "(x_target - m) + log_d", (CE + "test_matches_torch[some-0.0-mean-7-65-triton]",),
+      interpret=True),
+    M("cross-entropy Triton: gradient of ignored rows", "kernels/_triton.py", "_grad",
+      "g * weight[:, None]", "g * tl.where(weight[:, None] == 0, 1.0, weight[:, None])",
+      (CE + "test_matches_torch[some-0.0-mean-7-65-triton]",), interpret=True),
+    M("cross-entropy Triton: flat block's gradient reads the wrong row's target", "kernels/_triton.py", "_grad_flat",
+      "col == tl.gather(cls, row, 0)", "col == tl.gather(cls, tl.maximum(row - 1, 0), 0)",
+      (CE + "test_matches_torch_on_a_full_batch[0.0-mean-65-triton]",), interpret=True),
+    M("cross-entropy Triton: mean over one target too many", "kernels/_triton.py", "_finish",
+      "total / count.to(tl.float64)", "total / (count + 1).to(tl.float64)",
+      (CE + "test_matches_torch[some-0.0-mean-7-65-triton]",), interpret=True),
+    M("cross-entropy Triton: in-place count misses the last target", "kernels/_triton.py", "_count_targets",
+      "tl.load(target_ptr + rows * target_stride, mask=rows < n_rows, other=ignore_index)",
+      "tl.load(target_ptr + rows * target_stride, mask=rows < n_rows - 1, other=ignore_index)",
+      (CE + "test_float64_is_computed_in_float64[True-mean-27-triton]",), interpret=True),
     # The data windows and the training loop.
-    Mutation("data: item's first character masked as padding", "makemore/data/batches.py",
-             "masked_fill_(context < self.starts[item].long()[:, None], 0)", "masked_fill_(context <= self.starts[item].long()[:, None], 0)",
-             ("tests/test_data.py::test_windows_match_the_lectures_character_loop",)),
-    Mutation("data: sequences lose the final boundary target", "makemore/data/batches.py",
-             "torch.arange(rows.shape[1] - R) > lengths[:, None]", "torch.arange(rows.shape[1] - R) >= lengths[:, None]",
-             ("tests/test_data.py::test_sequence_batches_hold_exactly_the_windows",)),
-    Mutation("loop: accumulated gradients not averaged", "makemore/train/loop.py",
-             "loss = loss / config.grad_accum", "loss = loss / 1", ("tests/test_train.py::test_gradient_accumulation_equals_the_step_on_the_concatenated_batch",)),
+    M("data: item's first character masked as padding", "makemore/data/batches.py", "LineSource.pairs",
+      "context < self.starts[item].long()[:, None]", "context <= self.starts[item].long()[:, None]",
+      ("tests/test_data.py::test_windows_match_the_lectures_character_loop",)),
+    M("data: sequences lose the final boundary target", "makemore/data/batches.py", "_item_batch",
+      "torch.arange(rows.shape[1] - R) > lengths[:, None]", "torch.arange(rows.shape[1] - R) >= lengths[:, None]",
+      ("tests/test_data.py::test_sequence_batches_hold_exactly_the_windows",)),
+    M("loop: accumulated gradients not averaged", "makemore/train/loop.py", "_train",
+      "loss / config.grad_accum", "loss / 1",
+      ("tests/test_train.py::test_gradient_accumulation_equals_the_step_on_the_concatenated_batch",)),
 ]
 
 
 class SnippetMissing(Exception):
     pass
+
+
+def _shape(code: str) -> str:
+    """The syntax tree of an expression or a single statement, without positions: what ``old`` is matched by."""
+    try:
+        node = ast.parse(code.strip(), mode="eval").body
+    except SyntaxError:
+        node = ast.parse(code.strip()).body[0]
+    return ast.dump(node)
+
+
+def _scope(tree: ast.AST, path: list[str]) -> ast.AST | None:
+    """The function or class ``path`` names ("Class", "method"), or None."""
+    for name in path:
+        tree = next((n for n in ast.iter_child_nodes(tree) if getattr(n, "name", None) == name), None)
+        if tree is None:
+            return None
+    return tree
+
+
+def locate(source: str, m: Mutation) -> tuple[int, int]:
+    """The byte span of ``source`` (UTF-8) that holds the one node of ``m.scope`` whose syntax tree is ``m.old``'s."""
+    scope = _scope(ast.parse(source), m.scope.split("."))
+    if scope is None:
+        raise SnippetMissing(f"mutation {m.name!r}: {m.file} has no {m.scope}: rewrite the mutation for the current source")
+    want = _shape(m.old)
+    found = [n for n in ast.walk(scope) if isinstance(n, (ast.expr, ast.stmt)) and ast.dump(n) == want]
+    if len(found) != 1:
+        where = "is not in" if not found else f"occurs {len(found)} times in"
+        raise SnippetMissing(
+            f"mutation {m.name!r}: {m.old!r} {where} {m.file}'s {m.scope}: rewrite the mutation for the current source"
+        )
+    starts = [0]
+    for line in source.encode().splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    node = found[0]
+    return starts[node.lineno - 1] + node.col_offset, starts[node.end_lineno - 1] + node.end_col_offset
+
+
+def apply(repo: Path, m: Mutation) -> None:
+    path = repo / m.file
+    source = path.read_text() if path.is_file() else ""
+    start, end = locate(source, m)
+    data = source.encode()
+    path.write_text((data[:start] + m.new.encode() + data[end:]).decode())
 
 
 def fresh_copy(dest: Path) -> Path:
@@ -131,16 +185,6 @@ def fresh_copy(dest: Path) -> Path:
     if not kernels.exists():  # installed as makemore.kernels (pyproject's package-dir); the copy imports it from here
         kernels.symlink_to(Path("..") / "kernels", target_is_directory=True)
     return repo
-
-
-def apply(repo: Path, m: Mutation) -> None:
-    path = repo / m.file
-    text = path.read_text() if path.is_file() else ""
-    found = text.count(m.old)
-    if found != 1:
-        where = "is not in" if found == 0 else f"occurs {found} times in"
-        raise SnippetMissing(f"mutation {m.name!r}: its snippet {m.old!r} {where} {m.file}: rewrite the mutation for the current source")
-    path.write_text(text.replace(m.old, m.new))
 
 
 class Job:
@@ -241,7 +285,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for m in MUTATIONS:
-            print(f"{m.name}  [{m.file}]  <- {', '.join(m.tests)}")
+            print(f"{m.name}  [{m.file}, {m.scope}]  <- {', '.join(m.tests)}")
         return 0
     unknown = set(args.names) - {m.name for m in MUTATIONS}
     if unknown:
