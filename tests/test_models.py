@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from makemore.data import IGNORE_INDEX, Batch
 from makemore.models import (
-    MLP, GatedWaveNet, GatedWaveNetConfig, MLPConfig, NeuralBigram, NeuralBigramConfig, NGram, NGramConfig, WaveNet, WaveNetConfig,
+    MLP, GatedWaveNet, GatedWaveNetConfig, MLPConfig, NeuralBigram, NeuralBigramConfig, NGram, NGramConfig, Transformer,
+    TransformerConfig, WaveNet, WaveNetConfig,
 )  # fmt: skip
 from makemore.models.base import CUDAGraphed, sample_next
 
@@ -63,6 +64,39 @@ def test_every_model_keeps_the_contract(make):
         torch.testing.assert_close(model(idx[:, j : j + R])[0][:, 0], logits[:, j], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=f"sees {R} tokens per prediction; got sequences of {R - 1} \\(left-pad"):
         model(idx[:, : R - 1])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: MLP(MLPConfig(27, 3, 10, 20)),
+        lambda: WaveNet(WaveNetConfig(27, 8, 6, 10)),
+        lambda: WaveNet(WaveNetConfig(27, 8, 6, 10, fused=True)),
+        lambda: GatedWaveNet(GatedWaveNetConfig(27, 8, 8, 16, n_levels=3)),
+        lambda: Transformer(TransformerConfig(27, block_size=8, n_layer=2, n_head=2, n_embd=8)),
+    ],
+    ids=["mlp", "wavenet", "wavenet-fused", "gated", "transformer"],
+)
+def test_the_in_place_loss_gives_every_parameter_the_same_gradient(make):
+    """loss_in_place (what the trainer sets on CUDA) writes the loss's gradient over the logits: nothing in any model
+    reads them again, so autograd accepts it (it refuses a saved tensor changed in place) and the gradients agree."""
+    torch.manual_seed(0)
+    model = make().train()
+    R = model.receptive_field
+    idx = torch.randint(0, 27, (3, R + 9))
+    targets = torch.randint(0, 27, (3, 10)).masked_fill(torch.rand(3, 10) < 0.3, IGNORE_INDEX)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = []
+    for in_place in (False, True):
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        model.loss_in_place = in_place
+        loss = model(idx, targets)[1]
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-6)
+    for ours, theirs in zip(grads[1][1], grads[0][1], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("block_size", [0, 1, 3, 6, 12])

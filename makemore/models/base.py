@@ -31,6 +31,9 @@ class LanguageModel(nn.Module):
     fitted: bool = False
     # Normalises over the batch (BatchNorm): one row alone has no variance, and DDP's ranks would see different statistics.
     batch_statistics: bool = False
+    # The loss writes its gradient over the logits during forward (cross_entropy's inplace_grad: 2 passes over the
+    # logits instead of 3). Only for a forward whose logits nothing else reads afterwards: the trainer sets it.
+    loss_in_place: bool = False
 
     def outputs(self, length: int) -> int:
         """T, the number of predictions for a sequence of ``length`` tokens; a clear error below R."""
@@ -41,10 +44,11 @@ class LanguageModel(nn.Module):
             )
         return length - self.receptive_field + 1
 
-    @staticmethod
-    def loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
         """Mean cross-entropy over the targets that are not IGNORE_INDEX (classes last)."""
-        return None if targets is None else cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+        if targets is None:
+            return None
+        return cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, inplace_grad=self.loss_in_place)
 
     def check_tokens(self, idx: torch.Tensor) -> None:
         """One clear error for token ids outside [0, vocab_size): for ids from outside (prompts), not per step."""
