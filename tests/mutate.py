@@ -178,12 +178,10 @@ def apply(repo: Path, m: Mutation) -> None:
 
 
 def fresh_copy(dest: Path) -> Path:
-    """The repository's sources and tests under ``dest``; makemore.kernels resolves to the copy's kernels/."""
+    """The repository's sources and tests under ``dest``; makemore.kernels resolves to the copy's kernels/
+    (makemore/__init__.py finds it beside the package)."""
     repo = dest / "repo"  # dest/repo: the copies of parallel jobs live side by side
     shutil.copytree(ROOT, repo, ignore=COPY_IGNORE, symlinks=True)
-    kernels = repo / "makemore" / "kernels"
-    if not kernels.exists():  # installed as makemore.kernels (pyproject's package-dir); the copy imports it from here
-        kernels.symlink_to(Path("..") / "kernels", target_is_directory=True)
     return repo
 
 
