@@ -32,7 +32,13 @@ def main(argv=None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     parser.add_argument("--reference", type=float, help="a horizontal line, e.g. the lecture's val 1.993")
-    parser.add_argument("--point", action="append", default=[], metavar="LABEL=SECONDS:VAL", help="a reference point, e.g. another model's published result (repeatable; one label, one marker)")
+    parser.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        metavar="LABEL=SECONDS:VAL",
+        help="a reference point, e.g. another model's published result (repeatable; one label, one marker)",
+    )
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
 
@@ -41,7 +47,8 @@ def main(argv=None) -> None:
         times, vals, final = curve(run)
         (line,) = ax.plot(times, vals, "-", lw=1.2, label=f"{run.name} (val estimates)")
         if final:
-            ax.plot(*final, "*", ms=12, color=line.get_color(), label=f"{run.name} final val {final[1]:.4f} at {final[0]:.0f} s")
+            label = f"{run.name} final val {final[1]:.4f} at {final[0]:.0f} s"
+            ax.plot(*final, "*", ms=12, color=line.get_color(), label=label)
     points: dict[str, list[tuple[float, float]]] = {}
     for spec in args.point:
         label, _, at = spec.rpartition("=")
