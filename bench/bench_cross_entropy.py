@@ -1,7 +1,7 @@
 """The cross-entropy kernels timed as the device runs them, beside F.cross_entropy, torch.compile and a training step.
 
     python -m bench --only cross-entropy [--device cuda] [--budget SECONDS]   # this suite and its report
-    python -m bench.gpu cross-entropy --out OUT --work WORK --budget 170     # the GPU step (bench/gpu.sh)
+    bash bench/gpu.sh --steps env,cross-entropy OUT                            # the GPU step
 
 ``sweep(device, budget_s, quick=False) -> list[dict]`` is the whole suite: entries in
 pytest-benchmark's JSON shape (bench/timing.py's ``record``) that bench/report.py turns into tables.
@@ -45,7 +45,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from bench.timing import Deadline, _l2_bytes, record, skipped
+from bench.timing import Deadline, l2_bytes, record, skipped
 from makemore.kernels import cross_entropy
 
 VOCABS = [27, 65, 256, 1024, 4096, 32768, 131072, 262144]
@@ -212,7 +212,7 @@ def beyond_l2_logits(device: torch.device, quick: bool) -> int:
     """Logits per call of a beyond-L2 cell: at least BEYOND_L2 x the L2 of float32."""
     if quick:
         return QUICK_SIZES[-1] * 4
-    l2 = _l2_bytes(device)
+    l2 = l2_bytes(device)
     return max(CPU_BEYOND, BEYOND_L2 * l2 // 4) if l2 else CPU_BEYOND
 
 

@@ -151,12 +151,11 @@ def check(args, device: torch.device) -> dict:
 
 def cross_entropy(args, device: torch.device) -> dict:
     """bench/bench_cross_entropy.py's sweep: kernel and host times of every path, and the kernel-time
-    crossover (``cuda_aten_below``) from which kernels/loss.py's CUDA_ATEN_BELOW is set. At most 170 s
-    of sweep, so that the step with its start-up fits 3 minutes."""
+    crossover (``cuda_aten_below``) from which kernels/loss.py's CUDA_ATEN_BELOW is set, within the step's budget."""
     from bench import bench_cross_entropy, timing
 
     timing.set_math_mode(device)
-    records = bench_cross_entropy.sweep(device, max(0.0, min(args.budget, 170.0) - 10), args.dry_run)
+    records = bench_cross_entropy.sweep(device, max(0.0, args.budget - 10), args.dry_run)  # the last cell may overrun
     copy = next((b["extra_info"]["copy_gbps"] for b in records if "copy_gbps" in b["extra_info"]), None)
     return {"peaks": {"copy_gbps": copy}, "benchmarks": records}
 

@@ -32,7 +32,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ from makemore.cli import load_model
 from makemore.data import Vocab, load_source
 from makemore.models import build_model
 from makemore.train import BEST, CHECKPOINT, METRICS, RECIPES, evaluate, make_configs, train
-from makemore.device import resolve_device, resolve_dtype
+from makemore.device import describe, resolve_device, resolve_dtype
 from makemore.train.config import TrainConfig, check_new_run
 
 # The recipes of each budget (seconds): the WaveNet's and the Transformer's, tuned for the same clock.
@@ -170,13 +169,8 @@ def mfu(row: dict, peaks: dict) -> float | None:
 
 def machine() -> dict:
     """What the figures were measured on: CPU model, cores, GPU, torch, threads, the load average at the start."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    cpu = describe(torch.device("cpu"))
+    gpu = describe(torch.device("cuda")) if torch.cuda.is_available() else None
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     threads = torch.get_num_threads()
     return {

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -43,11 +42,11 @@ class ResultsError(Exception):
 
 
 def machine_here() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores"
+    import torch
+
+    from makemore.device import describe
+
+    return f"{describe(torch.device('cpu'))}, {os.cpu_count()} cores"
 
 
 def read_metrics(run: Path) -> tuple[dict, dict]:

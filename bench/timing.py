@@ -57,7 +57,7 @@ class Deadline:
         return max(0.0, self.left()) / max(1, cells_left)
 
 
-def _l2_bytes(device: torch.device) -> int:
+def l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
 
 
@@ -66,7 +66,7 @@ _flush_buffers: dict = {}
 
 def _flush(device: torch.device) -> None:
     if device not in _flush_buffers:
-        _flush_buffers[device] = torch.empty(2 * _l2_bytes(device) // 4 + 1, device=device)
+        _flush_buffers[device] = torch.empty(2 * l2_bytes(device) // 4 + 1, device=device)
     _flush_buffers[device].zero_()
 
 
@@ -170,7 +170,7 @@ def _measure_peaks(device: torch.device, quick: bool, budget_s: float) -> dict:
     gen = torch.Generator(device).manual_seed(0)
     a32, b32 = (torch.randn(n, n, device=device, generator=gen) for _ in range(2))  # random data: zeros run faster
     a16, b16 = a32.bfloat16(), b32.bfloat16()
-    copy_n = (4 << 20) if quick else max(64 << 20, 8 * _l2_bytes(device) // 4)  # float32 elements
+    copy_n = (4 << 20) if quick else max(64 << 20, 8 * l2_bytes(device) // 4)  # float32 elements
     src, dst = torch.randn(copy_n, device=device, generator=gen), torch.empty(copy_n, device=device)
     times = interleaved(
         {"float32": lambda: torch.mm(a32, b32), "bfloat16": lambda: torch.mm(a16, b16), "copy": lambda: dst.copy_(src)},

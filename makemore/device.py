@@ -9,6 +9,7 @@ run in bfloat16 on float32 master weights.
 
 import contextlib
 import os
+import platform
 
 import torch
 
@@ -82,4 +83,4 @@ def describe(device: torch.device) -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return device.type
+    return platform.processor() or platform.machine() or device.type
