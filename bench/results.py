@@ -30,8 +30,33 @@ RESULTS_MD = Path("docs/results.md")
 README = Path("README.md")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # Settings that change how a run reports or where it runs, not what it trains: a run with other overrides is not its recipe's run.
-NEUTRAL = {"eval_interval", "eval_iters", "log_interval", "checkpoint_interval", "checkpoint_seconds", "dist_timeout", "device", "dtype", "compile", "compile_mode"}
-COLUMNS = ["recipe", "model", "params", "steps", "training time", "train", "val", "test", "device, dtype", "machine", "date", "command", "notes"]
+NEUTRAL = {
+    "eval_interval",
+    "eval_iters",
+    "log_interval",
+    "checkpoint_interval",
+    "checkpoint_seconds",
+    "dist_timeout",
+    "device",
+    "dtype",
+    "compile",
+    "compile_mode",
+}
+COLUMNS = [
+    "recipe",
+    "model",
+    "params",
+    "steps",
+    "training time",
+    "train",
+    "val",
+    "test",
+    "device, dtype",
+    "machine",
+    "date",
+    "command",
+    "notes",
+]
 
 
 class ResultsError(Exception):
@@ -59,7 +84,9 @@ def read_metrics(run: Path) -> tuple[dict, dict]:
     info = next((r["run"] for r in records if "run" in r), {})
     final = next((r for r in reversed(records) if "final" in r), None)
     if final is None:
-        raise ResultsError(f"{path}: no final losses (the run did not finish; resume it with `makemore train --out {run} --resume`)")
+        raise ResultsError(
+            f"{path}: no final losses (the run did not finish; resume it with `makemore train --out {run} --resume`)"
+        )
     return info, final
 
 
@@ -77,7 +104,10 @@ def checkpoint_facts(run: Path, recipe: str) -> tuple[str, int, list[str], list[
     actual = {**state["config"], **model_config}
     differ = [k for k in actual if k in expected and actual[k] != expected[k]]
     params = sum(p.numel() for p in build_model(name, MODELS[name][1](**model_config)).parameters())
-    flags = [(flag(k) if actual[k] else "--no-" + flag(k)[2:]) if isinstance(actual[k], bool) else f"{flag(k)} {actual[k]}" for k in differ]
+    flags = [
+        (flag(k) if actual[k] else "--no-" + flag(k)[2:]) if isinstance(actual[k], bool) else f"{flag(k)} {actual[k]}"
+        for k in differ
+    ]
     return name, params, flags, [flag(k) for k in differ if k not in NEUTRAL]
 
 
@@ -86,7 +116,9 @@ def run_record(run: Path, recipe: str) -> dict:
     info, final = read_metrics(run)
     model, params, flags, changed = checkpoint_facts(run, recipe)
     if changed:
-        raise ResultsError(f"{run}: trained with {', '.join(changed)} other than the recipe {recipe}'s: not its recipe's run, skipped")
+        raise ResultsError(
+            f"{run}: trained with {', '.join(changed)} other than the recipe {recipe}'s: not its recipe's run, skipped"
+        )
     losses = final["final"]
     best = final.get("best") or {}  # a run that estimated its val: its best estimate's checkpoint, on the whole split
     mtime = datetime.datetime.fromtimestamp((run / "metrics.jsonl").stat().st_mtime, datetime.timezone.utc)
@@ -145,7 +177,9 @@ def update_records(records: dict, runs: list[Path], say=print) -> dict:
             say(f"{run}: its checkpoint's settings do not fit this makemore's recipe {recipe} ({e}); skipped")
             continue
         old = records.get(recipe, {})
-        if all(old.get(k) == record[k] for k in ("command", "date", "val")):  # the same run read again: keep what was said of it
+        if all(
+            old.get(k) == record[k] for k in ("command", "date", "val")
+        ):  # the same run read again: keep what was said of it
             record["notes"] = old.get("notes", "")
         records[recipe] = record
         say(f"{run}: {recipe} val {record['val']:.4f} recorded")
@@ -224,7 +258,13 @@ def scaling_rows(path: Path) -> list[dict]:
     m = data.get("machine", {})
     machine = f"{m.get('gpu') or m.get('cpu', '?')}, {m.get('cores', '?')} cores"
     return [
-        _study_row(r, data, machine, f"`{r['recipe']}` at R {r['R']:,}", f"context study at {data.get('budget', 0):g} s: val on the same {r.get('val_targets', 0):,} targets")
+        _study_row(
+            r,
+            data,
+            machine,
+            f"`{r['recipe']}` at R {r['R']:,}",
+            f"context study at {data.get('budget', 0):g} s: val on the same {r.get('val_targets', 0):,} targets",
+        )
         for r in data.get("loss", [])
     ]
 
@@ -251,7 +291,6 @@ def _study_row(r: dict, data: dict, machine: str, recipe: str, notes: str) -> di
         "command": data.get("command"),
         "notes": notes,
     }
-
 
 
 def benchmark_line(path: Path, docs: str) -> str:
@@ -291,7 +330,10 @@ def table(root: Path, docs: str = "docs/") -> str:
         *("| " + " | ".join(cell.replace("|", "\\|") for cell in row(r)) + " |" for r in rows),
     ]
     if any(str(r.get("source", "")).startswith("recorded before") for r in rows):
-        lines += ["", "† recorded before `bench.results` existed: copied from the README of that date, with the command then run."]
+        lines += [
+            "",
+            "† recorded before `bench.results` existed: copied from the README of that date, with the command then run.",
+        ]
     if (root / "docs/benchmarks/results.json").is_file():
         lines += ["", benchmark_line(root / "docs/benchmarks/results.json", docs)]
     return "\n".join(lines) + "\n"
@@ -302,8 +344,8 @@ def results_page(block: str) -> str:
         "# Results\n\n"
         "Every training result this project reports, one row per run: the recipes' runs (docs/results/runs.json,\n"
         "updated from run directories), the races (docs/race/) and the context study (docs/scaling/). Val and test are\n"
-        "losses on the whole split (nats per character); each val says whose weights: \"best\", the checkpoint of the\n"
-        "run's best val estimate (with its step and training time; nanoGPT reports this one), beside \"last\", the\n"
+        'losses on the whole split (nats per character); each val says whose weights: "best", the checkpoint of the\n'
+        'run\'s best val estimate (with its step and training time; nanoGPT reports this one), beside "last", the\n'
         "weights when training stopped. Training time is the training clock (steps only). How\n"
         "the runs were measured and the recipes tuned: [recipes.md](recipes.md).\n"
         "Regenerate with `python -m bench.results` after a run; `python -m bench.results --check` (CI) fails when\n"
@@ -313,7 +355,9 @@ def results_page(block: str) -> str:
 
 def with_block(readme: str, block: str, path: Path) -> str:
     if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
-        raise ResultsError(f"{path}: needs exactly one {BEGIN} line followed by one {END} line where the results table goes")
+        raise ResultsError(
+            f"{path}: needs exactly one {BEGIN} line followed by one {END} line where the results table goes"
+        )
     head, rest = readme.split(BEGIN)
     _, tail = rest.split(END)
     return f"{head}{BEGIN}\n{block}{END}{tail}"
@@ -321,9 +365,19 @@ def with_block(readme: str, block: str, path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.results", description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, action="append", metavar="DIR", help="a run directory, or a folder of them (repeatable; default: runs)")
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="a run directory, or a folder of them (repeatable; default: runs)",
+    )
     parser.add_argument("--root", type=Path, default=ROOT, help="the repository (default: this checkout)")
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if README.md or docs/results.md differ from the generated table")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if README.md or docs/results.md differ from the generated table",
+    )
     args = parser.parse_args(argv)
     root = args.root
     try:
@@ -336,11 +390,17 @@ def main(argv: list[str] | None = None) -> int:
                 (root / RUNS_JSON).write_text(json.dumps(stored, indent=1, ensure_ascii=False) + "\n")
         readme_path = root / README
         readme = readme_path.read_text()
-        wanted = {readme_path: with_block(readme, table(root), readme_path), root / RESULTS_MD: results_page(table(root, docs=""))}
+        wanted = {
+            readme_path: with_block(readme, table(root), readme_path),
+            root / RESULTS_MD: results_page(table(root, docs="")),
+        }
         if args.check:
             stale = [p for p, text in wanted.items() if not p.is_file() or p.read_text() != text]
             if stale:
-                print(f"{', '.join(str(p) for p in stale)}: results table out of date; regenerate it with `python -m bench.results`", file=sys.stderr)
+                print(
+                    f"{', '.join(str(p) for p in stale)}: results table out of date; regenerate it with `python -m bench.results`",
+                    file=sys.stderr,
+                )
                 return 1
             print("results table up to date")
             return 0

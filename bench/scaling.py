@@ -93,7 +93,11 @@ def step_rate(model_name: str, order: str | None, R: int, targets: int, repeats:
     torch.manual_seed(0)
     model = build_model(config.model, replace(model_config, vocab_size=VOCAB)).to(device)
     optimizer = make_optimizer(config, model)
-    autocast = torch.autocast(device.type, torch.bfloat16) if resolve_dtype(config.dtype, device) == torch.bfloat16 else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(device.type, torch.bfloat16)
+        if resolve_dtype(config.dtype, device) == torch.bfloat16
+        else contextlib.nullcontext()
+    )
     idx = torch.randint(0, VOCAB, (1, R - 1 + targets), device=device)
     y = torch.randint(0, VOCAB, (1, targets), device=device)
     times = []
@@ -114,7 +118,9 @@ def speed_study(fields, targets: int, windows_targets: int, repeats: int, time_c
     rows = []
     for model, order in SPEED_MODELS:
         name = f"{model}" + (f" ({order})" if order else "")
-        n = windows_targets if order == "windows" else targets  # per window, the cost does not depend on how many share a row
+        n = (
+            windows_targets if order == "windows" else targets
+        )  # per window, the cost does not depend on how many share a row
         for R in fields:
             rate = step_rate(model, order, R, n, repeats, quick)
             rows.append({"model": name, "R": R, "targets_per_step": n, "tokens_per_s": rate})
@@ -125,7 +131,9 @@ def speed_study(fields, targets: int, windows_targets: int, repeats: int, time_c
 
 
 def loss_markdown(rows: list[dict]) -> str:
-    head = "| model | recipe | R | params | steps | tokens/s (median) | train | val: last weights | val: best checkpoint |"
+    head = (
+        "| model | recipe | R | params | steps | tokens/s (median) | train | val: last weights | val: best checkpoint |"
+    )
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
@@ -142,7 +150,11 @@ def speed_markdown(rows: list[dict]) -> str:
     rate = {(r["model"], r["R"]): r["tokens_per_s"] for r in rows}
     lines = ["| model | " + " | ".join(f"R {R:,}" for R in Rs) + " |", "| --- |" + " --- |" * len(Rs)]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{rate[name, R]:,.0f}" if (name, R) in rate else "over the cap" for R in Rs) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{rate[name, R]:,.0f}" if (name, R) in rate else "over the cap" for R in Rs)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -153,8 +165,22 @@ def plot(loss_rows: list[dict], speed_rows: list[dict], out: Path, budget: float
     import matplotlib.pyplot as plt
 
     for rows, y, ylabel, name, title, logy in (
-        (loss_rows, "val", "val loss (nats per character)", "scaling_loss.png", f"val loss against receptive field, {budget:g} s of training each", False),
-        (speed_rows, "tokens_per_s", "training tokens/s", "scaling_speed.png", "training throughput against receptive field", True),
+        (
+            loss_rows,
+            "val",
+            "val loss (nats per character)",
+            "scaling_loss.png",
+            f"val loss against receptive field, {budget:g} s of training each",
+            False,
+        ),
+        (
+            speed_rows,
+            "tokens_per_s",
+            "training tokens/s",
+            "scaling_speed.png",
+            "training throughput against receptive field",
+            True,
+        ),
     ):
         if not rows:  # --only the other study
             continue
@@ -178,14 +204,27 @@ def plot(loss_rows: list[dict], speed_rows: list[dict], out: Path, budget: float
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, help="seconds of training per run of the loss study (default 180)")
-    parser.add_argument("--out", type=Path, default=Path("docs/scaling"), help="where the tables and plots go (default docs/scaling)")
-    parser.add_argument("--runs", type=Path, default=Path("runs/scaling"), help="where the loss study's runs go (default runs/scaling)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("docs/scaling"), help="where the tables and plots go (default docs/scaling)"
+    )
+    parser.add_argument(
+        "--runs", type=Path, default=Path("runs/scaling"), help="where the loss study's runs go (default runs/scaling)"
+    )
     parser.add_argument("--only", choices=("loss", "speed"), help="run one of the two studies")
     parser.add_argument("--speed-targets", type=int, help="targets per training row in the speed study (default 4096)")
     parser.add_argument("--windows-targets", type=int, help="targets per row for the per-window order (default 64)")
-    parser.add_argument("--repeats", type=int, help="timed steps per point of the speed study, after one warm-up (default 3)")
-    parser.add_argument("--time-cap", type=float, default=10.0, help="stop a model's speed series after a step that took longer than this many seconds (default 10)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and budgets: a smoke run whose figures mean nothing")
+    parser.add_argument(
+        "--repeats", type=int, help="timed steps per point of the speed study, after one warm-up (default 3)"
+    )
+    parser.add_argument(
+        "--time-cap",
+        type=float,
+        default=10.0,
+        help="stop a model's speed series after a step that took longer than this many seconds (default 10)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes and budgets: a smoke run whose figures mean nothing"
+    )
     args = parser.parse_args(argv)
     for name, value in (QUICK_DEFAULTS if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -196,11 +235,22 @@ def main(argv: list[str] | None = None) -> int:
     given = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python -m bench.scaling", *given])
     started = machine()
-    loss_rows = [] if args.only == "speed" else loss_study(args.budget, QUICK_LOSS_FIELDS if args.quick else LOSS_FIELDS, args.runs, args.quick)
+    loss_rows = (
+        []
+        if args.only == "speed"
+        else loss_study(args.budget, QUICK_LOSS_FIELDS if args.quick else LOSS_FIELDS, args.runs, args.quick)
+    )
     speed_rows = (
         []
         if args.only == "loss"
-        else speed_study(QUICK_SPEED_FIELDS if args.quick else SPEED_FIELDS, args.speed_targets, args.windows_targets, args.repeats, args.time_cap, args.quick)
+        else speed_study(
+            QUICK_SPEED_FIELDS if args.quick else SPEED_FIELDS,
+            args.speed_targets,
+            args.windows_targets,
+            args.repeats,
+            args.time_cap,
+            args.quick,
+        )
     )
     args.out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
@@ -214,12 +264,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     text = note + "\n"
     if loss_rows:
-        text += f"\nVal loss against the receptive field, {args.budget:g} s of training each:\n\n" + loss_markdown(loss_rows)
+        text += f"\nVal loss against the receptive field, {args.budget:g} s of training each:\n\n" + loss_markdown(
+            loss_rows
+        )
     if speed_rows:
         text += f"\nTraining tokens/s against the receptive field (rows of {args.speed_targets:,} targets; per window {args.windows_targets:,}):\n\n"
         text += speed_markdown(speed_rows)
     (args.out / "scaling.md").write_text(text)
-    record = {"command": command, "date": date, "machine": started, "budget": args.budget, "loss": loss_rows, "speed": speed_rows}
+    record = {
+        "command": command,
+        "date": date,
+        "machine": started,
+        "budget": args.budget,
+        "loss": loss_rows,
+        "speed": speed_rows,
+    }
     (args.out / "scaling.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(loss_rows, speed_rows, args.out, args.budget)
     print(text)

@@ -104,9 +104,13 @@ def _check_arguments(logits, target, reduction, label_smoothing) -> None:
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not logits.is_floating_point() or logits.dim() < 1:
-        raise ValueError(f"logits must be a floating tensor of shape (..., V), got {logits.dtype} {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must be a floating tensor of shape (..., V), got {logits.dtype} {tuple(logits.shape)}"
+        )
     if logits.shape[-1] == 0:  # every target is out of range, or all are ignored: 0 / 0 classes, in every backend
-        raise ValueError(f"logits must have at least one class (V >= 1 in the last dimension), got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have at least one class (V >= 1 in the last dimension), got shape {tuple(logits.shape)}"
+        )
     if target.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"target must be int64 or int32 class indices, got {target.dtype}")
     if target.shape != logits.shape[:-1]:

@@ -20,7 +20,9 @@ class _SourceTreeKernels(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name != "makemore.kernels" or not (_KERNELS / "__init__.py").is_file():
             return None
-        return importlib.util.spec_from_file_location(name, _KERNELS / "__init__.py", submodule_search_locations=[str(_KERNELS)])
+        return importlib.util.spec_from_file_location(
+            name, _KERNELS / "__init__.py", submodule_search_locations=[str(_KERNELS)]
+        )
 
 
 if not (Path(__file__).resolve().parent / "kernels").exists():  # an installed wheel holds makemore/kernels itself

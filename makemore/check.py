@@ -141,7 +141,12 @@ def _window_loop(model, S, Y):
     R = model.receptive_field
     saved, model.order = model.order, "windows"
     try:
-        logits = torch.stack([torch.cat([model(S[n : n + 1, t : t + R])[0][0] for t in range(S.shape[1] - R + 1)]) for n in range(S.shape[0])])
+        logits = torch.stack(
+            [
+                torch.cat([model(S[n : n + 1, t : t + R])[0][0] for t in range(S.shape[1] - R + 1)])
+                for n in range(S.shape[0])
+            ]
+        )
     finally:
         model.order = saved
     return logits, model.loss(logits, Y)
@@ -193,7 +198,9 @@ def orders_of(model) -> list[Order]:
     return WAVENET_ORDERS if hasattr(model, "blocks") else GATED_ORDERS
 
 
-def reference_of(model, S: torch.Tensor, Y: torch.Tensor, *, training: bool, population: str, window_batch: bool) -> reference.Result:
+def reference_of(
+    model, S: torch.Tensor, Y: torch.Tensor, *, training: bool, population: str, window_batch: bool
+) -> reference.Result:
     """The reference's logits (N, T, V), loss, gradients and buffers for this order's inputs and population."""
     state = dict(model.state_dict())
     N, T = Y.shape
@@ -208,7 +215,9 @@ def reference_of(model, S: torch.Tensor, Y: torch.Tensor, *, training: bool, pop
     return result
 
 
-def compare(model, S: torch.Tensor, Y: torch.Tensor, *, dtype: torch.dtype, tolerance: Tolerance | None = None, orders=None) -> list[Row]:
+def compare(
+    model, S: torch.Tensor, Y: torch.Tensor, *, dtype: torch.dtype, tolerance: Tolerance | None = None, orders=None
+) -> list[Row]:
     """Every order of ``model`` against the reference, eval mode then training mode; the model ends in eval mode, unchanged.
 
     ``dtype``: float64 and float32 run the model in that dtype; bfloat16 runs it under autocast.
@@ -226,7 +235,9 @@ def compare(model, S: torch.Tensor, Y: torch.Tensor, *, dtype: torch.dtype, tole
             # Only BatchNorm's statistics depend on the mode and the order's population; else one reference serves all.
             key = (order.population, order.window_batch) if training and hasattr(model, "blocks") else None
             if key not in references:
-                references[key] = reference_of(model, S, Y, training=training, population=order.population, window_batch=order.window_batch)
+                references[key] = reference_of(
+                    model, S, Y, training=training, population=order.population, window_batch=order.window_batch
+                )
             ref = references[key]
             model.zero_grad(set_to_none=True)
             with mixed:
@@ -299,11 +310,20 @@ def table(rows: list[Row]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .cli import _add_flag, _defaults_text, _model_defaults_text  # the training command's flags, one per config field
+    from .cli import (
+        _add_flag,
+        _defaults_text,
+        _model_defaults_text,
+    )  # the training command's flags, one per config field
 
     parser = argparse.ArgumentParser(prog="python -m makemore.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODELS, default="wavenet", help="the model to check [wavenet]")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="float64, float32, or bfloat16 (autocast, float32 weights) [float32]")
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="float64, float32, or bfloat16 (autocast, float32 weights) [float32]",
+    )
     parser.add_argument("--sequences", type=int, default=2, help="random sequences [2]")
     parser.add_argument("--outputs", type=int, default=6, help="predictions per sequence [6]")
     settings = parser.add_argument_group("model and system settings (as for makemore train)")
@@ -343,10 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: receptive field {R}, {sum(p.numel() for p in model.parameters()):,} parameters, {args.sequences} x {args.outputs} outputs, "
           f"{device}, {args.dtype}, math mode {mode}")  # fmt: skip
     if device.type == "cuda":
-        print(f"TF32: {'on' if tf32_on() else 'off'} (matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}) on {torch.cuda.get_device_name(device)}")
+        print(
+            f"TF32: {'on' if tf32_on() else 'off'} (matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}) on {torch.cuda.get_device_name(device)}"
+        )
     print(table(rows))
     failed = [r for r in rows if not r.passed]
-    print(f"{len(rows) - len(failed)} of {len(rows)} passed" + (f"; FAILED: {', '.join(f'{r.order} ({r.mode})' for r in failed)}" if failed else ""))
+    print(
+        f"{len(rows) - len(failed)} of {len(rows)} passed"
+        + (f"; FAILED: {', '.join(f'{r.order} ({r.mode})' for r in failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

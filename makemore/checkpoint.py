@@ -109,7 +109,9 @@ def load(path: Path) -> dict:
         with open(path, "rb") as f:
             head = f.read(4)
         if head == b"PK\x03\x04":  # a zip archive's first record, without the directory that ends one
-            raise CheckpointError(f"{path}: truncated ({path.stat().st_size:,} bytes, its end is missing: a copy or write was cut short); {fix}")
+            raise CheckpointError(
+                f"{path}: truncated ({path.stat().st_size:,} bytes, its end is missing: a copy or write was cut short); {fix}"
+            )
         raise CheckpointError(f"{path}: not a readable makemore checkpoint (not a torch.save zip archive); {fix}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -132,7 +134,9 @@ def load(path: Path) -> dict:
         except TypeError as e:
             raise CheckpointError(f"{path}: corrupt ({e}); {fix}") from None
         if stored != actual:
-            raise CheckpointError(f"{path}: corrupt: its contents do not match the SHA-256 saved with them (changed on disk or in a copy); {fix}")
+            raise CheckpointError(
+                f"{path}: corrupt: its contents do not match the SHA-256 saved with them (changed on disk or in a copy); {fix}"
+            )
     if tag not in READABLE:
         raise CheckpointError(f"{path}: {_format_problem(tag, path)}")
     _check_vocab(state, path)
@@ -177,10 +181,14 @@ def _check_vocab(state: dict, path: Path) -> None:
         twice = next(ch for i, ch in enumerate(vocab) if ch in vocab[:i])
         raise CheckpointError(f"{path}: its vocabulary lists {twice!r} twice; {fix}")
     if state.get("kind") == "lines" and vocab[:1] != [BOUNDARY]:
-        raise CheckpointError(f"{path}: its vocabulary for line data does not start with the boundary {BOUNDARY!r}; {fix}")
+        raise CheckpointError(
+            f"{path}: its vocabulary for line data does not start with the boundary {BOUNDARY!r}; {fix}"
+        )
     model_config = state.get("model_config")
     if isinstance(model_config, dict) and "vocab_size" in model_config and model_config["vocab_size"] != len(vocab):
-        raise CheckpointError(f"{path}: its vocabulary has {len(vocab)} characters but its model has {model_config['vocab_size']} embedding rows; {fix}")
+        raise CheckpointError(
+            f"{path}: its vocabulary has {len(vocab)} characters but its model has {model_config['vocab_size']} embedding rows; {fix}"
+        )
 
 
 def _format_problem(tag, path: Path) -> str:
@@ -218,7 +226,9 @@ def _feed(h, obj) -> None:
         text = f"{type(obj).__name__}:{obj!r}".encode()
         h.update(b"v%d:" % len(text) + text)
     else:
-        raise TypeError(f"a checkpoint holds only tensors, numbers, strings, lists and dicts, not a {type(obj).__name__}")
+        raise TypeError(
+            f"a checkpoint holds only tensors, numbers, strings, lists and dicts, not a {type(obj).__name__}"
+        )
 
 
 def _reason(e: Exception) -> str:

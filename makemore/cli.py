@@ -50,11 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except Stopped as e:  # after its checkpoint: say how to go on
         if distributed.is_main_process():
-            print(f"makemore train: {e}; checkpoint {args.out_dir / CHECKPOINT} written; continue with: {_resume_command(args.out_dir)}", file=sys.stderr)
+            print(
+                f"makemore train: {e}; checkpoint {args.out_dir / CHECKPOINT} written; continue with: {_resume_command(args.out_dir)}",
+                file=sys.stderr,
+            )
         return 128 + e.signum
     except Interrupted as e:
         if distributed.is_main_process():
-            print(f"makemore train: {e}; {args.out_dir / CHECKPOINT} keeps the last checkpoint written, if any: continue with: {_resume_command(args.out_dir)}", file=sys.stderr)
+            print(
+                f"makemore train: {e}; {args.out_dir / CHECKPOINT} keeps the last checkpoint written, if any: continue with: {_resume_command(args.out_dir)}",
+                file=sys.stderr,
+            )
         return 128 + e.signum
     except LostPeerError as e:
         print(f"makemore {args.command}: error: {_one_line(e)}", file=sys.stderr)
@@ -78,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"makemore {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"makemore {args.command}: interrupted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
+        print(
+            f"makemore {args.command}: interrupted; the last checkpoint is kept, continue with --resume",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
 
 
@@ -87,7 +96,10 @@ def _resume_command(out: Path) -> str:
     tail = f"makemore train --out {shlex.quote(str(out))} --resume"
     if not distributed.launched():
         return tail
-    nodes, per_node = int(os.environ.get("GROUP_WORLD_SIZE", 1)), os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size())
+    nodes, per_node = (
+        int(os.environ.get("GROUP_WORLD_SIZE", 1)),
+        os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()),
+    )
     if nodes == 1:
         return f"torchrun --standalone --nproc-per-node {per_node} -m {tail}"
     return f"on each of the {nodes} nodes, your torchrun command with -m {tail}"
@@ -110,7 +122,11 @@ MEMORY_FLAGS = {
 def _out_of_memory(e: BaseException, command: str) -> str:
     """The one-line message for an allocation that failed (a huge size), or "" for any other error."""
     text = str(e)
-    if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text or "out of memory" in text):
+    if not (
+        isinstance(e, (MemoryError, torch.OutOfMemoryError))
+        or "can't allocate memory" in text
+        or "out of memory" in text
+    ):
         return ""
     size = ""
     if found := re.search(r"allocate (\d+) bytes", text):  # the CPU allocator's wording
@@ -124,23 +140,36 @@ def _out_of_memory(e: BaseException, command: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="makemore", description="Character-level language models, from the bigram to the hierarchical WaveNet.")
+    parser = argparse.ArgumentParser(
+        prog="makemore", description="Character-level language models, from the bigram to the hierarchical WaveNet."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train a model; prints its losses and a few samples")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="lecture", help="named settings to start from; flags override them (default: lecture)")
-    p.add_argument("--out", type=Path, help="directory for the checkpoint, metrics.jsonl and loss.png (default: runs/RECIPE)")
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="lecture",
+        help="named settings to start from; flags override them (default: lecture)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="directory for the checkpoint, metrics.jsonl and loss.png (default: runs/RECIPE)"
+    )
     p.add_argument(
         "--resume", nargs="?", const=True, metavar="auto",
         help="continue the run in --out exactly where its checkpoint stopped; --resume auto: if it has one, else start it (for torchrun --max-restarts)",
     )  # fmt: skip
     p.add_argument("--force", action="store_true", help="start over even if --out already holds a checkpoint")
-    p.add_argument("--samples", type=int, default=20, help="names to print after training (text: 500 characters; 0: none)")
+    p.add_argument(
+        "--samples", type=int, default=20, help="names to print after training (text: 500 characters; 0: none)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     settings = p.add_argument_group("training settings [default; the recipes that set another]")
     for f in fields(TrainConfig):
         _add_flag(settings, f, _defaults_text(f))
-    settings = p.add_argument_group("model settings (the models that take each, with their defaults) [the recipes that set another]")
+    settings = p.add_argument_group(
+        "model settings (the models that take each, with their defaults) [the recipes that set another]"
+    )
     for f in model_fields().values():
         _add_flag(settings, f, _model_defaults_text(f.name), help=model_help(f.name))
     p.set_defaults(run=_train)
@@ -169,7 +198,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_checkpoint_flag(p) -> None:
     p.add_argument(
-        "--checkpoint", choices=CHECKPOINTS, default="last",
+        "--checkpoint",
+        choices=CHECKPOINTS,
+        default="last",
         help=f"last: the weights training ended with ({CHECKPOINT}); best: the best val estimate's ({BEST}, kept by runs "
         "with --eval-interval) (default: last)",
     )
@@ -227,16 +258,22 @@ def _train(args) -> int:
         # before saving a diverged state, and the same rate would diverge again at the same step).
         lowered = "lr" in given and given["lr"] <= state["config"]["lr"]
         changed = sorted(
-            flag(name) for name, value in given.items() if name not in RESUMABLE and not (name == "lr" and lowered) and value != stored.get(name)
+            flag(name)
+            for name, value in given.items()
+            if name not in RESUMABLE and not (name == "lr" and lowered) and value != stored.get(name)
         )
         if changed:
-            raise ValueError(f"{', '.join(changed)} cannot change when resuming; only {', '.join(flag(n) for n in RESUMABLE)} can, and --lr be lowered")
+            raise ValueError(
+                f"{', '.join(changed)} cannot change when resuming; only {', '.join(flag(n) for n in RESUMABLE)} can, and --lr be lowered"
+            )
         settings = {**state["config"], **{k: v for k, v in state["model_config"].items() if k != "vocab_size"}, **given}
     else:
         if not 0 <= args.samples <= MAX_SAMPLES:
             raise ValueError(f"--samples must be in [0, {MAX_SAMPLES:,}], got {args.samples}")
         if (out / CHECKPOINT).exists() and not args.force:
-            raise CheckpointError(f"{out / CHECKPOINT} already exists; pass --resume to continue that run or --force to start over")
+            raise CheckpointError(
+                f"{out / CHECKPOINT} already exists; pass --resume to continue that run or --force to start over"
+            )
         settings = {**RECIPES[args.recipe], **given}
     config, model_config = make_configs(settings)
     if not args.resume:
@@ -288,7 +325,7 @@ def _eval(args) -> int:
 
 
 def _losses(result: dict) -> str:
-    """"train 1.7690 val 1.9937 test 1.9853": the splits' losses of a result (other keys skipped)."""
+    """ "train 1.7690 val 1.9937 test 1.9853": the splits' losses of a result (other keys skipped)."""
     return " ".join(f"{split} {result[split]:.4f}" for split in ("train", "val", "test") if split in result)
 
 
@@ -298,15 +335,21 @@ def _check_out_dir(out: Path) -> None:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file, not a directory; pass a directory (it is made if missing)")
         out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()  # the directory's mode alone does not tell (root, ACLs, read-only mounts)
+        tempfile.TemporaryFile(
+            dir=out
+        ).close()  # the directory's mode alone does not tell (root, ACLs, read-only mounts)
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot write there ({e.strerror or _one_line(e)}); choose a directory you can write") from None
+        raise ValueError(
+            f"--out {out}: cannot write there ({e.strerror or _one_line(e)}); choose a directory you can write"
+        ) from None
 
 
 def load_model(out_dir: Path, checkpoint_name: str = "last"):
     """The trained model in ``out_dir`` (eval mode, on the CPU) and its checkpoint: the last weights or the best."""
     if Path(out_dir).is_file():  # most likely the checkpoint itself: name its directory
-        raise ValueError(f"--out {out_dir} is a file; pass the training run's directory (the one that holds {CHECKPOINT})")
+        raise ValueError(
+            f"--out {out_dir} is a file; pass the training run's directory (the one that holds {CHECKPOINT})"
+        )
     path = Path(out_dir) / CHECKPOINTS[checkpoint_name]
     if checkpoint_name == "best" and not path.is_file() and (Path(out_dir) / CHECKPOINT).is_file():
         raise CheckpointError(
@@ -327,11 +370,20 @@ def _samples(model, state, n, *, seed, temperature=1.0, top_k=None, unique=False
     if state["kind"] == "stream":
         return [sample_text(model, vocab, length, prompt, temperature=temperature, top_k=top_k, generator=generator)]
     exclude = _training_items(state) if unique else frozenset()
-    return sample_items(model, vocab, n, state["max_len"], temperature=temperature, top_k=top_k, generator=generator, exclude=exclude, prompt=prompt)
+    return sample_items(
+        model,
+        vocab,
+        n,
+        state["max_len"],
+        temperature=temperature,
+        top_k=top_k,
+        generator=generator,
+        exclude=exclude,
+        prompt=prompt,
+    )
 
 
 def _training_items(state):
     """The training split's items for ``in`` tests: hashes in a tensor, not a set of str (10 million names would take 1 GB)."""
     config = TrainConfig(**state["config"])
     return load_source(config.data, config.kind, seed=config.seed, vocab=Vocab(state["vocab"])).item_set("train")
-

@@ -34,7 +34,9 @@ def check_device(device: torch.device, flag: str = "--device") -> None:
                 f"{flag} {device}: no CUDA device is available here (or this torch was built without CUDA); use {flag} cpu"
             )
         if (device.index or 0) >= count:
-            raise ValueError(f"{flag} {device}: this machine has cuda:0 to cuda:{count - 1}; pick one of those or {flag} cpu")
+            raise ValueError(
+                f"{flag} {device}: this machine has cuda:0 to cuda:{count - 1}; pick one of those or {flag} cpu"
+            )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{flag} {device}: MPS is not available on this machine; use {flag} cpu")
 

@@ -96,8 +96,12 @@ def batch_norm_tanh(x: torch.Tensor, bn: BatchNorm1d, mask: torch.Tensor | None 
         return torch.tanh(bn(x))
     shape = x.shape
     rows = _at_least_float32(x).reshape(-1, shape[-1])
-    weights = None if mask is None else mask.reshape(-1, 1).to(rows.dtype)  # float32 at least: a bfloat16 count is off by units from 256 on
-    return _BatchNormTanh.apply(rows, weights, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps).view(shape)
+    weights = (
+        None if mask is None else mask.reshape(-1, 1).to(rows.dtype)
+    )  # float32 at least: a bfloat16 count is off by units from 256 on
+    return _BatchNormTanh.apply(
+        rows, weights, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps
+    ).view(shape)
 
 
 class _BatchNormTanh(torch.autograd.Function):

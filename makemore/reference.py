@@ -99,7 +99,14 @@ def _finish(logits, targets, params, buffers) -> Result:
     return Result(logits.detach(), None if loss is None else loss.detach(), grads, buffers)
 
 
-def tree(state: dict, idx: torch.Tensor, targets: torch.Tensor | None = None, *, training: bool = False, once_per_node: int = 0) -> Result:
+def tree(
+    state: dict,
+    idx: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    training: bool = False,
+    once_per_node: int = 0,
+) -> Result:
     """The lecture's hierarchical WaveNet on sequences ``idx (N, L)``: logits (N, L - B + 1, V), loss, gradients."""
     with _one_thread():
         return _tree(state, idx, targets, training, once_per_node)
@@ -129,7 +136,9 @@ def _tree(state, idx, targets, training, once_per_node) -> Result:
                 count[p] = count.get(p, 0) + valid[:, j]
         positions = sorted(count)
         W = P[f"blocks.{level - 1}.linear.weight"]
-        pre = torch.stack([torch.cat([h[p - d], h[p]], dim=-1) @ W for p in positions], 1)  # (N, nodes, H), node by node
+        pre = torch.stack(
+            [torch.cat([h[p - d], h[p]], dim=-1) @ W for p in positions], 1
+        )  # (N, nodes, H), node by node
         prefix = f"blocks.{level - 1}.bn."
         if training:
             w = torch.stack([count[p] for p in positions], 1)  # (N, nodes): how often each node is counted

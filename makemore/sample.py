@@ -30,11 +30,15 @@ def sample_items(
     """
     start = vocab.encode(prompt, where="--prompt").to(device, torch.int64)
     if (start == 0).any():
-        raise ValueError(f"--prompt {prompt!r} holds {vocab.decode([0])!r}, the boundary between items: give the start of one item")
+        raise ValueError(
+            f"--prompt {prompt!r} holds {vocab.decode([0])!r}, the boundary between items: give the start of one item"
+        )
     found: list[str] = []
     for _ in range(max_rounds):
         context = start.expand(n, -1)
-        rows = model.generate(context, max(max_len + 1 - len(prompt), 1), temperature=temperature, top_k=top_k, generator=generator)
+        rows = model.generate(
+            context, max(max_len + 1 - len(prompt), 1), temperature=temperature, top_k=top_k, generator=generator
+        )
         rows = rows[:, len(prompt) :].cpu()
         # Each row up to its first boundary, found on the tensor: a row is as long as the longest
         # training item, and a list of Python ints per row would cost 28 bytes per token.

@@ -63,11 +63,18 @@ DEVICES = ("cpu", "cuda")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", choices=("all",) + DEVICES, default="all", help="run the device-parametrised tests on this device only (default: all)")
+    parser.addoption(
+        "--device",
+        choices=("all",) + DEVICES,
+        default="all",
+        help="run the device-parametrised tests on this device only (default: all)",
+    )
 
 
 def pytest_generate_tests(metafunc):
-    if "device" in metafunc.fixturenames and not any(m.name == "parametrize" and "device" in m.args[0] for m in metafunc.definition.iter_markers()):
+    if "device" in metafunc.fixturenames and not any(
+        m.name == "parametrize" and "device" in m.args[0] for m in metafunc.definition.iter_markers()
+    ):
         metafunc.parametrize("device", DEVICES)
 
 
@@ -75,7 +82,9 @@ def pytest_collection_modifyitems(config, items):
     if HYPOTHESIS_PROFILE == "long":  # a test's own settings outrank the profile's: scale and unfix them here
         for fn in {item.obj for item in items if getattr(getattr(item, "obj", None), "is_hypothesis_test", False)}:
             own = fn._hypothesis_internal_use_settings
-            fn._hypothesis_internal_use_settings = settings(own, max_examples=own.max_examples * LONG_FACTOR, derandomize=False)
+            fn._hypothesis_internal_use_settings = settings(
+                own, max_examples=own.max_examples * LONG_FACTOR, derandomize=False
+            )
     only = config.getoption("--device")
     kept, dropped = [], []
     for item in items:
@@ -100,4 +109,6 @@ def pytest_terminal_summary(terminalreporter, config):
                     continue
                 counts[outcome] = counts.get(outcome, 0) + 1
     if counts:
-        terminalreporter.write_line("cuda cases: " + ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())))
+        terminalreporter.write_line(
+            "cuda cases: " + ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+        )

@@ -36,7 +36,9 @@ torch = importlib.import_module("torch")  # imported once here, before the forks
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = min(4, os.cpu_count() or 1)  # mutations tested side by side
-COPY_IGNORE = shutil.ignore_patterns(".git", ".venv*", "runs", "docs", ".hypothesis", "__pycache__", ".pytest_cache", "*.egg-info", ".benchmarks")
+COPY_IGNORE = shutil.ignore_patterns(
+    ".git", ".venv*", "runs", "docs", ".hypothesis", "__pycache__", ".pytest_cache", "*.egg-info", ".benchmarks"
+)
 
 EQ = "tests/test_equivalence.py::"
 GATED = "tests/test_gated.py::"
@@ -61,70 +63,200 @@ class Mutation:
 M = Mutation
 MUTATIONS = [
     # The lecture's WaveNet, each order.
-    M("wavenet conv: children swapped", "makemore/models/wavenet.py", "WaveNet._dilated_mix",
-      "torch.cat([x[:, :-d], x[:, d:]], dim=-1)", "torch.cat([x[:, d:], x[:, :-d]], dim=-1)", (WAVENET_8,)),
-    M("wavenet conv1d: taps swapped", "makemore/models/wavenet.py", "WaveNet._dilated_mix",
-      "block.conv_weight()", "block.conv_weight().flip(-1)", (WAVENET_8,)),
-    M("wavenet windows: padding counted in BatchNorm", "makemore/models/wavenet.py", "WaveNet._walk",
-      "mask = None if valid is None else valid.reshape(-1, 1).expand(y.shape[:-1])", "mask = None", (WAVENET_8,)),
-    M("wavenet conv: node mask misses left children", "makemore/models/wavenet.py", "WaveNet._node_masks",
-      "torch.cat([masks[-1], pad], 1) | torch.cat([pad, masks[-1]], 1)", "torch.cat([masks[-1], pad], 1)", (WAVENET_8,)),
-    M("wavenet cached: eps dropped from folded BatchNorm", "makemore/models/wavenet.py", "TreeBlock.folded",
-      "torch.sqrt(bn.running_var + bn.eps)", "torch.sqrt(bn.running_var)", (WAVENET_8,)),
-    M("cached steps: ring slot off by one", "makemore/models/base.py", "Rings.swap",
-      "torch.remainder(self.pos, ring.shape[1])", "torch.remainder(self.pos + 1, ring.shape[1])", (WAVENET_8, GATED_3)),
+    M(
+        "wavenet conv: children swapped",
+        "makemore/models/wavenet.py",
+        "WaveNet._dilated_mix",
+        "torch.cat([x[:, :-d], x[:, d:]], dim=-1)",
+        "torch.cat([x[:, d:], x[:, :-d]], dim=-1)",
+        (WAVENET_8,),
+    ),
+    M(
+        "wavenet conv1d: taps swapped",
+        "makemore/models/wavenet.py",
+        "WaveNet._dilated_mix",
+        "block.conv_weight()",
+        "block.conv_weight().flip(-1)",
+        (WAVENET_8,),
+    ),
+    M(
+        "wavenet windows: padding counted in BatchNorm",
+        "makemore/models/wavenet.py",
+        "WaveNet._walk",
+        "mask = None if valid is None else valid.reshape(-1, 1).expand(y.shape[:-1])",
+        "mask = None",
+        (WAVENET_8,),
+    ),
+    M(
+        "wavenet conv: node mask misses left children",
+        "makemore/models/wavenet.py",
+        "WaveNet._node_masks",
+        "torch.cat([masks[-1], pad], 1) | torch.cat([pad, masks[-1]], 1)",
+        "torch.cat([masks[-1], pad], 1)",
+        (WAVENET_8,),
+    ),
+    M(
+        "wavenet cached: eps dropped from folded BatchNorm",
+        "makemore/models/wavenet.py",
+        "TreeBlock.folded",
+        "torch.sqrt(bn.running_var + bn.eps)",
+        "torch.sqrt(bn.running_var)",
+        (WAVENET_8,),
+    ),
+    M(
+        "cached steps: ring slot off by one",
+        "makemore/models/base.py",
+        "Rings.swap",
+        "torch.remainder(self.pos, ring.shape[1])",
+        "torch.remainder(self.pos + 1, ring.shape[1])",
+        (WAVENET_8, GATED_3),
+    ),
     # The lecture's layers: shared by every order, caught only by the reference.
     M("BatchNorm: eps 1e-3 in every order", "makemore/nn.py", "BatchNorm1d.__init__", "1e-5", "1e-3", (WAVENET_8,)),
-    M("BatchNorm masked: biased variance", "makemore/nn.py", "BatchNorm1d._batch_stats",
-      "((x - mean).square() * w).sum(dims) / (n - 1).clamp_min(1)", "((x - mean).square() * w).sum(dims) / n", (WAVENET_8,)),
-    M("fused BatchNorm masked: biased variance", "makemore/nn.py", "_BatchNormTanh.forward",
-      "(weights.T @ xc.square()).squeeze(0) / (n - 1).clamp_min(1)", "(weights.T @ xc.square()).squeeze(0) / n",
-      (EQ + "test_every_order_is_the_reference_in_eval_and_training_mode[cpu-block8-fused-f64]",)),
+    M(
+        "BatchNorm masked: biased variance",
+        "makemore/nn.py",
+        "BatchNorm1d._batch_stats",
+        "((x - mean).square() * w).sum(dims) / (n - 1).clamp_min(1)",
+        "((x - mean).square() * w).sum(dims) / n",
+        (WAVENET_8,),
+    ),
+    M(
+        "fused BatchNorm masked: biased variance",
+        "makemore/nn.py",
+        "_BatchNormTanh.forward",
+        "(weights.T @ xc.square()).squeeze(0) / (n - 1).clamp_min(1)",
+        "(weights.T @ xc.square()).squeeze(0) / n",
+        (EQ + "test_every_order_is_the_reference_in_eval_and_training_mode[cpu-block8-fused-f64]",),
+    ),
     # The gated WaveNet, each order.
-    M("gated conv: filter taps swapped", "makemore/models/gated.py", "_DilatedGated.forward",
-      "torch.addmm(bias.to(dtype), xc[:-d], w[:C]).addmm_(xc[d:], w[C:])",
-      "torch.addmm(bias.to(dtype), xc[:-d], w[:C]).addmm_(xc[d:], w[:C])", (GATED_3,)),
-    M("gated conv backward: residual dropped", "makemore/models/gated.py", "_DilatedGated.backward",
-      "dx[d:] += dx_next", "pass", (GATED_3,)),
-    M("gated windows: children swapped in the tree", "makemore/models/gated.py", "GatedWaveNet._walk",
-      "layer.gate(x[0::2], right)", "layer.gate(right, x[0::2])", (GATED_STACKS,)),
-    M("gated: dilation schedule rotated", "makemore/models/gated.py", "GatedWaveNet.__init__",
-      "2 ** (k % config.n_levels)", "2 ** ((k + 1) % config.n_levels)", (GATED_3,)),
-    M("gated cached: children swapped", "makemore/models/gated.py", "GatedWaveNet.step",
-      "layer.gate(cache.swap(i, x), x)", "layer.gate(x, cache.swap(i, x))", (GATED_3,)),
+    M(
+        "gated conv: filter taps swapped",
+        "makemore/models/gated.py",
+        "_DilatedGated.forward",
+        "torch.addmm(bias.to(dtype), xc[:-d], w[:C]).addmm_(xc[d:], w[C:])",
+        "torch.addmm(bias.to(dtype), xc[:-d], w[:C]).addmm_(xc[d:], w[:C])",
+        (GATED_3,),
+    ),
+    M(
+        "gated conv backward: residual dropped",
+        "makemore/models/gated.py",
+        "_DilatedGated.backward",
+        "dx[d:] += dx_next",
+        "pass",
+        (GATED_3,),
+    ),
+    M(
+        "gated windows: children swapped in the tree",
+        "makemore/models/gated.py",
+        "GatedWaveNet._walk",
+        "layer.gate(x[0::2], right)",
+        "layer.gate(right, x[0::2])",
+        (GATED_STACKS,),
+    ),
+    M(
+        "gated: dilation schedule rotated",
+        "makemore/models/gated.py",
+        "GatedWaveNet.__init__",
+        "2 ** (k % config.n_levels)",
+        "2 ** ((k + 1) % config.n_levels)",
+        (GATED_3,),
+    ),
+    M(
+        "gated cached: children swapped",
+        "makemore/models/gated.py",
+        "GatedWaveNet.step",
+        "layer.gate(cache.swap(i, x), x)",
+        "layer.gate(x, cache.swap(i, x))",
+        (GATED_3,),
+    ),
     # The cross-entropy: fallback, dispatch, Triton kernel (interpreted).
-    M("cross-entropy fallback: ignored rows keep their gradient", "kernels/_torch.py", "_row_weights",
-      "torch.where(ignored, 0.0, scale)", "scale", (CE + "test_matches_torch[some-0.0-mean-7-65-torch]",)),
-    M("cross-entropy auto: dispatch inverted", "kernels/loss.py", "pick_backend",
-      '"aten" if numel < ATEN_BELOW and not inplace_grad else "torch"',
-      '"torch" if numel < ATEN_BELOW and not inplace_grad else "aten"',
-      (CE + "test_auto_on_cpu_takes_f_cross_entropy_below_the_crossover",)),
-    M("cross-entropy Triton: loss sign", "kernels/_triton.py", "_forward_kernel",
-      "(m - x_target) + log_d", "(x_target - m) + log_d", (CE + "test_matches_torch[some-0.0-mean-7-65-triton]",),
-      interpret=True),
-    M("cross-entropy Triton: gradient of ignored rows", "kernels/_triton.py", "_grad",
-      "g * weight[:, None]", "g * tl.where(weight[:, None] == 0, 1.0, weight[:, None])",
-      (CE + "test_matches_torch[some-0.0-mean-7-65-triton]",), interpret=True),
-    M("cross-entropy Triton: flat block's gradient reads the wrong row's target", "kernels/_triton.py", "_grad_flat",
-      "col == tl.gather(cls, row, 0)", "col == tl.gather(cls, tl.maximum(row - 1, 0), 0)",
-      (CE + "test_matches_torch_on_a_full_batch[0.0-mean-65-triton]",), interpret=True),
-    M("cross-entropy Triton: mean over one target too many", "kernels/_triton.py", "_finish",
-      "total / count.to(tl.float64)", "total / (count + 1).to(tl.float64)",
-      (CE + "test_matches_torch[some-0.0-mean-7-65-triton]",), interpret=True),
-    M("cross-entropy Triton: in-place count misses the last target", "kernels/_triton.py", "_count_targets",
-      "tl.load(target_ptr + rows * target_stride, mask=rows < n_rows, other=ignore_index)",
-      "tl.load(target_ptr + rows * target_stride, mask=rows < n_rows - 1, other=ignore_index)",
-      (CE + "test_float64_is_computed_in_float64[True-mean-27-triton]",), interpret=True),
+    M(
+        "cross-entropy fallback: ignored rows keep their gradient",
+        "kernels/_torch.py",
+        "_row_weights",
+        "torch.where(ignored, 0.0, scale)",
+        "scale",
+        (CE + "test_matches_torch[some-0.0-mean-7-65-torch]",),
+    ),
+    M(
+        "cross-entropy auto: dispatch inverted",
+        "kernels/loss.py",
+        "pick_backend",
+        '"aten" if numel < ATEN_BELOW and not inplace_grad else "torch"',
+        '"torch" if numel < ATEN_BELOW and not inplace_grad else "aten"',
+        (CE + "test_auto_on_cpu_takes_f_cross_entropy_below_the_crossover",),
+    ),
+    M(
+        "cross-entropy Triton: loss sign",
+        "kernels/_triton.py",
+        "_forward_kernel",
+        "(m - x_target) + log_d",
+        "(x_target - m) + log_d",
+        (CE + "test_matches_torch[some-0.0-mean-7-65-triton]",),
+        interpret=True,
+    ),
+    M(
+        "cross-entropy Triton: gradient of ignored rows",
+        "kernels/_triton.py",
+        "_grad",
+        "g * weight[:, None]",
+        "g * tl.where(weight[:, None] == 0, 1.0, weight[:, None])",
+        (CE + "test_matches_torch[some-0.0-mean-7-65-triton]",),
+        interpret=True,
+    ),
+    M(
+        "cross-entropy Triton: flat block's gradient reads the wrong row's target",
+        "kernels/_triton.py",
+        "_grad_flat",
+        "col == tl.gather(cls, row, 0)",
+        "col == tl.gather(cls, tl.maximum(row - 1, 0), 0)",
+        (CE + "test_matches_torch_on_a_full_batch[0.0-mean-65-triton]",),
+        interpret=True,
+    ),
+    M(
+        "cross-entropy Triton: mean over one target too many",
+        "kernels/_triton.py",
+        "_finish",
+        "total / count.to(tl.float64)",
+        "total / (count + 1).to(tl.float64)",
+        (CE + "test_matches_torch[some-0.0-mean-7-65-triton]",),
+        interpret=True,
+    ),
+    M(
+        "cross-entropy Triton: in-place count misses the last target",
+        "kernels/_triton.py",
+        "_count_targets",
+        "tl.load(target_ptr + rows * target_stride, mask=rows < n_rows, other=ignore_index)",
+        "tl.load(target_ptr + rows * target_stride, mask=rows < n_rows - 1, other=ignore_index)",
+        (CE + "test_float64_is_computed_in_float64[True-mean-27-triton]",),
+        interpret=True,
+    ),
     # The data windows and the training loop.
-    M("data: item's first character masked as padding", "makemore/data/batches.py", "LineSource.pairs",
-      "context < self.starts[item].long()[:, None]", "context <= self.starts[item].long()[:, None]",
-      ("tests/test_data.py::test_windows_match_the_lectures_character_loop",)),
-    M("data: sequences lose the final boundary target", "makemore/data/batches.py", "_item_batch",
-      "torch.arange(rows.shape[1] - R) > lengths[:, None]", "torch.arange(rows.shape[1] - R) >= lengths[:, None]",
-      ("tests/test_data.py::test_sequence_batches_hold_exactly_the_windows",)),
-    M("loop: accumulated gradients not averaged", "makemore/train/loop.py", "_train",
-      "loss / config.grad_accum", "loss / 1",
-      ("tests/test_train.py::test_gradient_accumulation_equals_the_step_on_the_concatenated_batch",)),
+    M(
+        "data: item's first character masked as padding",
+        "makemore/data/batches.py",
+        "LineSource.pairs",
+        "context < self.starts[item].long()[:, None]",
+        "context <= self.starts[item].long()[:, None]",
+        ("tests/test_data.py::test_windows_match_the_lectures_character_loop",),
+    ),
+    M(
+        "data: sequences lose the final boundary target",
+        "makemore/data/batches.py",
+        "_item_batch",
+        "torch.arange(rows.shape[1] - R) > lengths[:, None]",
+        "torch.arange(rows.shape[1] - R) >= lengths[:, None]",
+        ("tests/test_data.py::test_sequence_batches_hold_exactly_the_windows",),
+    ),
+    M(
+        "loop: accumulated gradients not averaged",
+        "makemore/train/loop.py",
+        "_train",
+        "loss / config.grad_accum",
+        "loss / 1",
+        ("tests/test_train.py::test_gradient_accumulation_equals_the_step_on_the_concatenated_batch",),
+    ),
 ]
 
 
@@ -154,7 +286,9 @@ def locate(source: str, m: Mutation) -> tuple[int, int]:
     """The byte span of ``source`` (UTF-8) that holds the one node of ``m.scope`` whose syntax tree is ``m.old``'s."""
     scope = _scope(ast.parse(source), m.scope.split("."))
     if scope is None:
-        raise SnippetMissing(f"mutation {m.name!r}: {m.file} has no {m.scope}: rewrite the mutation for the current source")
+        raise SnippetMissing(
+            f"mutation {m.name!r}: {m.file} has no {m.scope}: rewrite the mutation for the current source"
+        )
     want = _shape(m.old)
     found = [n for n in ast.walk(scope) if isinstance(n, (ast.expr, ast.stmt)) and ast.dump(n) == want]
     if len(found) != 1:
@@ -193,12 +327,19 @@ class Job:
     def __init__(self, repo: Path, tests, interpret: bool, tag=None):
         self.tag, self.began = tag, time.perf_counter()
         self.out = tempfile.TemporaryFile("w+")
-        env = {"HYPOTHESIS_PROFILE": "ci", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1" if interpret else None}
+        env = {
+            "HYPOTHESIS_PROFILE": "ci",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "OMP_NUM_THREADS": "1",
+            "TRITON_INTERPRET": "1" if interpret else None,
+        }
         args = ["-x", "-q", "-p", "no:cacheprovider", *tests]
         self.popen = None
         if not hasattr(os, "fork"):
             full = {k: v for k, v in {**os.environ, **env, "PYTHONPATH": str(repo)}.items() if v is not None}
-            self.popen = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=repo, env=full, stdout=self.out, stderr=subprocess.STDOUT)
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "pytest", *args], cwd=repo, env=full, stdout=self.out, stderr=subprocess.STDOUT
+            )
             return
         self.pid = os.fork()
         if self.pid == 0:  # the child: never returns
@@ -264,16 +405,27 @@ def baseline(mutations) -> None:
             cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True,
         )  # fmt: skip
         paths = probe.stdout.split()
-        if probe.returncode or len(paths) != 2 or not all(Path(p).resolve().is_relative_to(Path(tmp).resolve()) for p in paths):
-            raise SystemExit(f"mutate: the copy does not import its own makemore ({probe.stdout.strip()} {probe.stderr.strip()[-300:]})")
-        groups = [(interpret, sorted({t for m in mutations if m.interpret == interpret for t in m.tests})) for interpret in (False, True)]
+        if (
+            probe.returncode
+            or len(paths) != 2
+            or not all(Path(p).resolve().is_relative_to(Path(tmp).resolve()) for p in paths)
+        ):
+            raise SystemExit(
+                f"mutate: the copy does not import its own makemore ({probe.stdout.strip()} {probe.stderr.strip()[-300:]})"
+            )
+        groups = [
+            (interpret, sorted({t for m in mutations if m.interpret == interpret for t in m.tests}))
+            for interpret in (False, True)
+        ]
         starts = [lambda i=i, t=t: Job(repo, t, i, tag=(i, t)) for i, t in groups if t]
         for job, code in run_all(starts, JOBS):
             interpret, tests = job.tag
             out = job.output()
             passed = re.search(r"(\d+) passed", out)
             if code != 0 or not passed or int(passed[1]) < len(tests) or re.search(r"skipped|deselected", out):
-                raise SystemExit(f"mutate: the tests fail before any mutation ({'TRITON_INTERPRET=1, ' if interpret else ''}exit {code}):\n{out[-4000:]}")
+                raise SystemExit(
+                    f"mutate: the tests fail before any mutation ({'TRITON_INTERPRET=1, ' if interpret else ''}exit {code}):\n{out[-4000:]}"
+                )
 
 
 def main(argv=None) -> int:
@@ -320,7 +472,11 @@ def main(argv=None) -> int:
                 errors.append(m.name)
                 print(f"ERROR     {m.name}  (pytest exit {code}: the tests did not run)\n{out[-3000:]}", flush=True)
     killed = len(chosen) - len(survived) - len(errors)
-    print(f"mutate: {killed} of {len(chosen)} mutations killed in {time.perf_counter() - start:.0f} s" + (f"; survived: {', '.join(survived)}" if survived else "") + (f"; errors: {', '.join(errors)}" if errors else ""))
+    print(
+        f"mutate: {killed} of {len(chosen)} mutations killed in {time.perf_counter() - start:.0f} s"
+        + (f"; survived: {', '.join(survived)}" if survived else "")
+        + (f"; errors: {', '.join(errors)}" if errors else "")
+    )
     return 0 if killed == len(chosen) else 1
 
 

@@ -13,7 +13,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = {
     "wavenet": ["--model", "wavenet", "--block-size", "8", "--n-embd", "4", "--n-hidden", "6"],
-    "gated": ["--model", "gated", "--n-levels", "3", "--stacks", "2", "--n-embd", "4", "--n-hidden", "4", "--n-skip", "5"],
+    "gated": [
+        "--model",
+        "gated",
+        "--n-levels",
+        "3",
+        "--stacks",
+        "2",
+        "--n-embd",
+        "4",
+        "--n-hidden",
+        "4",
+        "--n-skip",
+        "5",
+    ],
 }
 
 
@@ -24,7 +37,9 @@ def test_every_order_passes_in_every_dtype(model, dtype, capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.endswith(("pass", "FAIL"))]
     orders = {line[:28].strip() for line in rows}
-    expected = {"windows (window batch)", "windows", "conv", "cached steps"} | ({"per position (lecture loop)", "conv1d"} if model == "wavenet" else {"per window (loop)"})
+    expected = {"windows (window batch)", "windows", "conv", "cached steps"} | (
+        {"per position (lecture loop)", "conv1d"} if model == "wavenet" else {"per window (loop)"}
+    )
     assert orders == expected
     assert len(rows) == (10 if model == "wavenet" else 9) and all(line.endswith("pass") for line in rows)
     assert f"{len(rows)} of {len(rows)} passed" in out and f"math mode {dtype}" in out
@@ -52,7 +67,12 @@ def test_bad_flags_are_one_line_errors(capsys):
 
 
 def test_the_module_runs_as_a_command():
-    done = subprocess.run([sys.executable, "-m", "makemore.check", *SMALL["gated"], "--dtype", "float64"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "makemore.check", *SMALL["gated"], "--dtype", "float64"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "9 of 9 passed" in done.stdout
 
@@ -67,6 +87,12 @@ def test_on_the_device(device, capsys):
 def test_the_reference_shares_no_code_with_the_models():
     """makemore/reference.py imports torch and the standard library only: an error in the models' code cannot be in it too."""
     tree = ast.parse(Path(reference.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] if node.level == 0 else "." for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] if node.level == 0 else "."
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+    }
     assert imported <= {"torch", "math", "contextlib", "dataclasses"}, imported

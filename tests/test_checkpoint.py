@@ -42,7 +42,9 @@ def test_the_write_is_synced_then_renamed_then_the_rename_synced(tmp_path, monke
     """The order that makes a crash at any moment leave the old file or the new one: data on disk before the rename, the rename on disk after."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1]
+    )
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
     checkpoint.save({"step": 1}, tmp_path / "ckpt.pt")
     assert events == [("fsync", False), ("replace", str(tmp_path / "ckpt.pt")), ("fsync", True)]
@@ -85,7 +87,9 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path, capsys):
     path = tmp_path / "ckpt.pt"
     torch.save({"format": checkpoint.FORMAT, "payload": Exploit()}, path)
     message = one_line(path)
-    assert "not a readable makemore checkpoint: it refers to print, which loading would have to import and run" in message
+    assert (
+        "not a readable makemore checkpoint: it refers to print, which loading would have to import and run" in message
+    )
     assert "must never run" not in capsys.readouterr().out
 
 
@@ -125,7 +129,9 @@ def one_line(path, load=checkpoint.load) -> str:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    config, model_config = make_configs(dict(data="names", n_embd=8, n_hidden=16, max_steps=20, log_interval=10, eval_max_tokens=1000))
+    config, model_config = make_configs(
+        dict(data="names", n_embd=8, n_hidden=16, max_steps=20, log_interval=10, eval_max_tokens=1000)
+    )
     train(config, model_config, out, progress=False)
     return out
 
@@ -179,7 +185,9 @@ def test_a_flipped_byte_anywhere_is_one_line_or_harmless(real):
 def test_a_flipped_weight_is_caught_by_the_checksum(real):
     path, _ = real
     state = torch.load(path, weights_only=True)
-    state["model"]["lm_head.weight"][0, 0] += 1e-3  # what a flipped mantissa bit does, written through torch.save (CRC-32s fixed)
+    state["model"]["lm_head.weight"][0, 0] += (
+        1e-3  # what a flipped mantissa bit does, written through torch.save (CRC-32s fixed)
+    )
     torch.save(state, path)
     assert "corrupt: its contents do not match the SHA-256 saved with them" in one_line(path)
 
@@ -187,7 +195,10 @@ def test_a_flipped_weight_is_caught_by_the_checksum(real):
 @pytest.mark.parametrize(
     "tag, message",
     [
-        ("makemore-wavenet/1", "written by an older makemore (format makemore-wavenet/1; this one reads makemore-wavenet/2, makemore-wavenet/3): retrain"),
+        (
+            "makemore-wavenet/1",
+            "written by an older makemore (format makemore-wavenet/1; this one reads makemore-wavenet/2, makemore-wavenet/3): retrain",
+        ),
         (
             "makemore-wavenet/4",
             "written by a newer makemore (format makemore-wavenet/4; this one reads makemore-wavenet/2, makemore-wavenet/3): upgrade makemore",
@@ -237,7 +248,10 @@ def load_and_resume_refuse(path, capsys, *expected) -> None:
     message = one_line(path.parent, load=load_model)
     for part in expected:
         assert part in message, message
-    for argv in (["sample", "--out", str(path.parent)], ["train", "--resume", "--out", str(path.parent), "--quiet", "--samples", "0"]):
+    for argv in (
+        ["sample", "--out", str(path.parent)],
+        ["train", "--resume", "--out", str(path.parent), "--quiet", "--samples", "0"],
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
@@ -246,10 +260,16 @@ def load_and_resume_refuse(path, capsys, *expected) -> None:
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (lambda s: s["model"].update({"lm_head.weight": torch.zeros(16, 5)}), ["lm_head.weight is (16, 5) in the file, (16, 27) in the model"]),
+        (
+            lambda s: s["model"].update({"lm_head.weight": torch.zeros(16, 5)}),
+            ["lm_head.weight is (16, 5) in the file, (16, 27) in the model"],
+        ),
         (lambda s: s["model"].pop("wte.weight"), ["wte.weight is missing"]),
         (lambda s: s["model"].update({"extra.weight": torch.zeros(2)}), ["extra.weight is not in the model"]),
-        (lambda s: s["model_config"].update(n_hidden=32), ["blocks.0.linear.weight is (16, 16) in the file, (16, 32) in the model", "and 14 more"]),
+        (
+            lambda s: s["model_config"].update(n_hidden=32),
+            ["blocks.0.linear.weight is (16, 16) in the file, (16, 32) in the model", "and 14 more"],
+        ),
         (lambda s: s.update(model=[1, 2]), ["the weights are a list, not a dict of tensors"]),
     ],
     ids=["shape", "missing", "extra", "config", "not-a-dict"],
@@ -257,7 +277,13 @@ def load_and_resume_refuse(path, capsys, *expected) -> None:
 def test_weights_that_do_not_fit_the_model_are_one_line(real, capsys, change, expected):
     path, _ = real
     rewrite(path, change)
-    load_and_resume_refuse(path, capsys, "its weights do not fit the WaveNet its config describes", *expected, f"--out {path.parent} --force")
+    load_and_resume_refuse(
+        path,
+        capsys,
+        "its weights do not fit the WaveNet its config describes",
+        *expected,
+        f"--out {path.parent} --force",
+    )
 
 
 @pytest.mark.parametrize(
@@ -268,7 +294,10 @@ def test_weights_that_do_not_fit_the_model_are_one_line(real, capsys, change, ex
         (lambda s: s["vocab"].__setitem__(5, "ab"), "its vocabulary is not a list of single characters"),
         (lambda s: s.update(vocab="abc"), "its vocabulary is not a list of single characters"),
         (lambda s: s["vocab"].reverse(), "its vocabulary for line data does not start with the boundary '.'"),
-        (lambda s: (s["vocab"].append("#"), s["model_config"].update(vocab_size=28)), "wte.weight is (27, 8) in the file, (28, 8) in the model"),
+        (
+            lambda s: (s["vocab"].append("#"), s["model_config"].update(vocab_size=28)),
+            "wte.weight is (27, 8) in the file, (28, 8) in the model",
+        ),
     ],
     ids=["short", "twice", "two-characters", "not-a-list", "no-boundary", "more-rows-than-weights"],
 )

@@ -21,13 +21,26 @@ def trained(tmp_path_factory):
 
 def run(*argv):
     """``python -m makemore ...`` in a fresh process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "makemore", *map(str, argv)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "makemore", *map(str, argv)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_stream_data_trains_and_samples_without_a_prompt(tmp_path, capsys):
     """tinyshakespeare ships with the package; a text model samples from an empty prompt."""
     out = tmp_path / "shakespeare"
-    argv = ["train", "--data", "tinyshakespeare", "--out", str(out), "--max-steps", "20", "--batch-size", "8", "--quiet"]
+    argv = [
+        "train",
+        "--data",
+        "tinyshakespeare",
+        "--out",
+        str(out),
+        "--max-steps",
+        "20",
+        "--batch-size",
+        "8",
+        "--quiet",
+    ]
     assert main([*argv, "--samples", "1", "--eval-max-tokens", "2000"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("train ") and " val " in printed and len(printed.splitlines()[1:]) > 0
@@ -41,12 +54,22 @@ def test_flags_come_from_the_configs():
     from makemore.cli import _parser
 
     helps = _parser()._subparsers._group_actions[0].choices["train"].format_help()
-    for option in ("--optimizer {sgd,adamw}", "--max-seconds", "--eval-max-tokens", "--order {conv,conv1d,windows}", "--fused, --no-fused", "--grad-accum", "--compile, --no-compile"):
+    for option in (
+        "--optimizer {sgd,adamw}",
+        "--max-seconds",
+        "--eval-max-tokens",
+        "--order {conv,conv1d,windows}",
+        "--fused, --no-fused",
+        "--grad-accum",
+        "--compile, --no-compile",
+    ):
         assert option in helps, option
 
 
 def test_train_prints_losses_and_samples(tmp_path):
-    result = run("train", "--data", "names", "--out", tmp_path / "run", "--max-steps", "200", "--quiet", "--samples", "5")
+    result = run(
+        "train", "--data", "names", "--out", tmp_path / "run", "--max-steps", "200", "--quiet", "--samples", "5"
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("train ") and " val " in lines[0] and " test " in lines[0]
@@ -99,7 +122,9 @@ def test_bad_training_files(tmp_path, capsys, content, message):
 def test_eval_on_data_with_a_character_the_model_never_saw(trained, tmp_path, capsys):
     path = tmp_path / "other.txt"
     path.write_text("anna\nzoë\n")
-    assert "other.txt:2: character 'ë' is not in the model's vocabulary of 27" in bad(capsys, "eval", "--out", trained, "--data", path)
+    assert "other.txt:2: character 'ë' is not in the model's vocabulary of 27" in bad(
+        capsys, "eval", "--out", trained, "--data", path
+    )
 
 
 def test_sample_without_a_checkpoint(tmp_path, capsys):
@@ -107,7 +132,9 @@ def test_sample_without_a_checkpoint(tmp_path, capsys):
 
 
 def test_training_never_overwrites_a_trained_model_silently(trained, capsys):
-    assert "already exists; pass --resume" in bad(capsys, "train", "--data", "names", "--out", trained, "--max-steps", "1")
+    assert "already exists; pass --resume" in bad(
+        capsys, "train", "--data", "names", "--out", trained, "--max-steps", "1"
+    )
 
 
 @pytest.mark.parametrize(
@@ -132,22 +159,51 @@ def test_bad_sample_options(trained, capsys):
 def test_console_script_errors_without_traceback(tmp_path):
     result = run("sample", "--out", tmp_path)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip() == f"makemore sample: error: {tmp_path / 'ckpt.pt'}: no checkpoint here; train one first with `makemore train --out {tmp_path}`"
+    assert (
+        result.stderr.strip()
+        == f"makemore sample: error: {tmp_path / 'ckpt.pt'}: no checkpoint here; train one first with `makemore train --out {tmp_path}`"
+    )
 
 
 def test_resume_continues_and_refuses_to_change_what_it_trains(tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--out", str(out), "--quiet", "--samples", "0", "--log-interval", "10", "--eval-max-tokens", "5000"]
-    assert main(["train", "--recipe", "fast", "--batch-size", "64", "--max-seconds", "0", "--max-steps", "20", *common]) == 0
+    assert (
+        main(["train", "--recipe", "fast", "--batch-size", "64", "--max-seconds", "0", "--max-steps", "20", *common])
+        == 0
+    )
     assert main(["train", "--resume", "--max-steps", "30", *common]) == 0
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == [10, 20, 30]
     assert "--lr cannot change when resuming" in bad(capsys, "train", "--resume", "--lr", "0.5", *common)
 
 
 def test_force_starts_a_fresh_log(tmp_path):
     out = tmp_path / "run"
-    argv = ["train", "--recipe", "fast", "--batch-size", "64", "--max-seconds", "0", "--max-steps", "10", "--out", str(out), "--quiet", "--samples", "0", "--log-interval", "5", "--eval-max-tokens", "5000"]
+    argv = [
+        "train",
+        "--recipe",
+        "fast",
+        "--batch-size",
+        "64",
+        "--max-seconds",
+        "0",
+        "--max-steps",
+        "10",
+        "--out",
+        str(out),
+        "--quiet",
+        "--samples",
+        "0",
+        "--log-interval",
+        "5",
+        "--eval-max-tokens",
+        "5000",
+    ]
     assert main(argv) == 0
     assert main([*argv, "--force"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -161,7 +217,25 @@ def test_compile_falls_back_to_eager_with_one_message(tmp_path, capsys, monkeypa
         raise RuntimeError("no compiler here\nsecond line")
 
     monkeypatch.setattr(torch, "compile", refuse)
-    argv = ["train", "--recipe", "fast", "--batch-size", "64", "--max-seconds", "0", "--max-steps", "5", "--compile", "--out", str(tmp_path / "r"), "--quiet", "--samples", "0", "--eval-max-tokens", "5000"]
+    argv = [
+        "train",
+        "--recipe",
+        "fast",
+        "--batch-size",
+        "64",
+        "--max-seconds",
+        "0",
+        "--max-steps",
+        "5",
+        "--compile",
+        "--out",
+        str(tmp_path / "r"),
+        "--quiet",
+        "--samples",
+        "0",
+        "--eval-max-tokens",
+        "5000",
+    ]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "makemore: --compile failed (no compiler here); training without compilation" in err
@@ -194,16 +268,34 @@ def test_sample_with_a_prompt_on_line_data_starts_every_name_with_it(trained, ca
     samples = capsys.readouterr().out.splitlines()
     assert len(samples) == 30 and all(s.startswith("al") for s in samples) and any(len(s) > 2 for s in samples)
     assert "the boundary between items" in bad(capsys, "sample", "--out", str(trained), "--prompt", "a.b")
-    assert "--prompt" in bad(capsys, "sample", "--out", str(trained), "--prompt", "Z")  # a character the model never saw
+    assert "--prompt" in bad(
+        capsys, "sample", "--out", str(trained), "--prompt", "Z"
+    )  # a character the model never saw
 
 
 def test_resume_auto_starts_a_run_then_continues_it(tmp_path, capsys):
     """The same command twice, as torchrun's restarts run it: fresh the first time, resumed the second."""
     out = tmp_path / "auto"
-    argv = ["train", "--recipe", "fast", "--batch-size", "64", "--max-seconds", "0", "--max-steps", "10", "--out", str(out)]
+    argv = [
+        "train",
+        "--recipe",
+        "fast",
+        "--batch-size",
+        "64",
+        "--max-seconds",
+        "0",
+        "--max-steps",
+        "10",
+        "--out",
+        str(out),
+    ]
     argv += ["--quiet", "--samples", "0", "--log-interval", "5", "--eval-max-tokens", "2000", "--resume", "auto"]
     assert main(argv) == 0
-    assert main([*argv[:argv.index("10")], "20", *argv[argv.index("10") + 1 :]]) == 0  # the same settings: allowed on resume
+    assert (
+        main([*argv[: argv.index("10")], "20", *argv[argv.index("10") + 1 :]]) == 0
+    )  # the same settings: allowed on resume
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20] and [r["step"] for r in records if "run" in r] == [0, 10]
+    assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20] and [
+        r["step"] for r in records if "run" in r
+    ] == [0, 10]
     assert "--resume takes no value or auto" in bad(capsys, "train", "--out", str(out), "--resume", "always")

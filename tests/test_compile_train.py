@@ -50,8 +50,14 @@ def train(model, device, steps=40):
     return torch.stack(losses).cpu()
 
 
-CASES = [("gated", "auto"), ("gated", "torch"), ("gated", "triton"), ("gated-dropout", "torch"), ("wavenet", "auto"),
-         ("transformer", "auto")]
+CASES = [
+    ("gated", "auto"),
+    ("gated", "torch"),
+    ("gated", "triton"),
+    ("gated-dropout", "torch"),
+    ("wavenet", "auto"),
+    ("transformer", "auto"),
+]
 
 
 @pytest.mark.parametrize("name, backend", CASES)
@@ -59,13 +65,17 @@ def test_compiled_training_follows_eager(device, name, backend, monkeypatch):
     """40 AdamW steps, float32: the compiled run's losses track eager's and fall as far; with dropout (masks drawn
     apart) it learns as eager does. ("auto" at these sizes is F.cross_entropy itself.)"""
     if backend == "triton" and device == "cpu":
-        pytest.skip("the Triton kernel's compiled gradients on the CPU: tests/test_compile_grads.py, under the interpreter")
+        pytest.skip(
+            "the Triton kernel's compiled gradients on the CPU: tests/test_compile_grads.py, under the interpreter"
+        )
     monkeypatch.setenv(xent.BACKEND_ENV, backend)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
     eager = train(copy.deepcopy(model), device)
-    compiled = train(torch.compile(copy.deepcopy(model), backend="inductor" if device == "cuda" else "aot_eager"), device)
+    compiled = train(
+        torch.compile(copy.deepcopy(model), backend="inductor" if device == "cuda" else "aot_eager"), device
+    )
     assert eager[-1] < 0.5 * eager[0], f"eager training did not learn: {eager.tolist()}"
     if name.endswith("dropout"):
         assert compiled[-1] < 0.5 * compiled[0], f"compiled training did not learn: {compiled.tolist()}"

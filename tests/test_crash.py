@@ -47,7 +47,12 @@ def start(out, *argv, prelude: str = "") -> subprocess.Popen:
     settings = [] if "--resume" in argv else TINY
     args = ["train", *map(str, settings + REPORTING), "--out", str(out), *map(str, argv)]
     if prelude:
-        command = [sys.executable, "-c", prelude + "\nimport sys\nfrom makemore.cli import main\nraise SystemExit(main(sys.argv[1:]))", *args]
+        command = [
+            sys.executable,
+            "-c",
+            prelude + "\nimport sys\nfrom makemore.cli import main\nraise SystemExit(main(sys.argv[1:]))",
+            *args,
+        ]
     else:
         command = [sys.executable, "-m", "makemore", *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
@@ -134,7 +139,10 @@ def assert_same_run(out, reference_out) -> None:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for index, state in b["optimizer"]["state"].items():
         for name, value in state.items():
-            assert torch.equal(torch.as_tensor(a["optimizer"]["state"][index][name]), torch.as_tensor(value)), (index, name)
+            assert torch.equal(torch.as_tensor(a["optimizer"]["state"][index][name]), torch.as_tensor(value)), (
+                index,
+                name,
+            )
     assert logged_losses(out) == logged_losses(reference_out)
 
 
@@ -204,10 +212,18 @@ def test_a_second_training_into_a_busy_directory_is_refused(tmp_path, capsys):
     first = start(out, "--max-steps", 10**6, "--max-seconds", 3)
     wait_for(lambda: (out / LOCK).exists(), first, "the lock")
     # The second: `makemore train` in this process, into the same directory, even with --force.
-    assert main(["train", "--data", "names", "--max-steps", "5", "--out", str(out), "--force", "--quiet", "--samples", "0"]) == 2
+    assert (
+        main(
+            ["train", "--data", "names", "--max-steps", "5", "--out", str(out), "--force", "--quiet", "--samples", "0"]
+        )
+        == 2
+    )
     assert first.poll() is None  # refused while the first was running
     err = capsys.readouterr().err
-    assert err == f"makemore train: error: {out} is in use by a running training (pid {first.pid}); wait for it or choose another --out\n"
+    assert (
+        err
+        == f"makemore train: error: {out} is in use by a running training (pid {first.pid}); wait for it or choose another --out\n"
+    )
     code, first_err = finish(first)
     assert code == 0, first_err  # the first was not disturbed
     assert checkpoint.load(out / CHECKPOINT)["step"] > 0 and not (out / LOCK).exists()
@@ -217,14 +233,35 @@ def test_a_stale_lock_is_taken_over(tmp_path, dead_pid):
     out = tmp_path / "run"
     out.mkdir()
     (out / LOCK).write_text(f"{dead_pid} {socket.gethostname()}\n")  # its training was killed
-    assert main(["train", "--data", "names", "--max-steps", "5", "--out", str(out), "--quiet", "--samples", "0", "--eval-max-tokens", "1000"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "names",
+                "--max-steps",
+                "5",
+                "--out",
+                str(out),
+                "--quiet",
+                "--samples",
+                "0",
+                "--eval-max-tokens",
+                "1000",
+            ]
+        )
+        == 0
+    )
     assert checkpoint.load(out / CHECKPOINT)["step"] == 5 and not (out / LOCK).exists()
 
 
 @pytest.mark.parametrize(
     "owner, message",
     [
-        (lambda: f"{os.getppid()} {socket.gethostname()}", "is in use by a running training (pid {pid}); wait for it or choose another --out"),
+        (
+            lambda: f"{os.getppid()} {socket.gethostname()}",
+            "is in use by a running training (pid {pid}); wait for it or choose another --out",
+        ),
         (
             lambda: "4242 another-host",
             "is in use by a training on host another-host (pid 4242); wait for it or choose another --out (if no training runs there, delete",
@@ -243,7 +280,9 @@ def test_a_lock_that_may_be_live_is_refused(tmp_path, capsys, owner, message):
     assert (out / LOCK).read_text() == owner() and not (out / CHECKPOINT).exists()  # left as it was
 
 
-@pytest.mark.parametrize("error, code", [(KeyboardInterrupt, 130), (RuntimeError("a bug"), None)], ids=["ctrl-c", "bug"])
+@pytest.mark.parametrize(
+    "error, code", [(KeyboardInterrupt, 130), (RuntimeError("a bug"), None)], ids=["ctrl-c", "bug"]
+)
 def test_the_lock_is_released_on_every_way_out(tmp_path, monkeypatch, error, code):
     """(Divergence: the tests below; SIGKILL cannot run any code: the next run takes the stale lock over, above.)"""
 
@@ -251,7 +290,20 @@ def test_the_lock_is_released_on_every_way_out(tmp_path, monkeypatch, error, cod
         raise error
 
     monkeypatch.setattr("makemore.train.loop.plot_losses", fail)  # the last thing training does
-    argv = ["train", "--data", "names", "--max-steps", "5", "--out", str(tmp_path), "--quiet", "--samples", "0", "--eval-max-tokens", "1000"]
+    argv = [
+        "train",
+        "--data",
+        "names",
+        "--max-steps",
+        "5",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--samples",
+        "0",
+        "--eval-max-tokens",
+        "1000",
+    ]
     if code is None:
         with pytest.raises(RuntimeError, match="a bug"):
             main(argv)
@@ -262,13 +314,31 @@ def test_the_lock_is_released_on_every_way_out(tmp_path, monkeypatch, error, cod
 
 # Numerical faults.
 
-DIVERGE = ["--data", "names", "--n-embd", "8", "--n-hidden", "16", "--max-steps", "100", "--quiet", "--samples", "0", "--eval-max-tokens", "1000"]
+DIVERGE = [
+    "--data",
+    "names",
+    "--n-embd",
+    "8",
+    "--n-hidden",
+    "16",
+    "--max-steps",
+    "100",
+    "--quiet",
+    "--samples",
+    "0",
+    "--eval-max-tokens",
+    "1000",
+]
 
 
 def diverges(capsys, *argv) -> str:
     assert main(["train", *DIVERGE, *map(str, argv)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("makemore train: error: the training loss diverged at step ") and "Traceback" not in err, err
+    assert (
+        err.count("\n") == 1
+        and err.startswith("makemore train: error: the training loss diverged at step ")
+        and "Traceback" not in err
+    ), err
     return err
 
 
@@ -277,7 +347,10 @@ def test_a_huge_learning_rate_stops_at_once_and_writes_no_checkpoint(tmp_path, c
     the check before every checkpoint computes the next step's loss on them, and refuses."""
     out = tmp_path / "run"
     err = diverges(capsys, "--lr", "1e4", "--checkpoint-interval", 1, "--log-interval", 1000, "--out", out)
-    assert "diverged at step 2 (" in err and "lower --lr (now 10000); no checkpoint was written: start over with --force and a lower --lr" in err
+    assert (
+        "diverged at step 2 (" in err
+        and "lower --lr (now 10000); no checkpoint was written: start over with --force and a lower --lr" in err
+    )
     assert not (out / CHECKPOINT).exists() and not (out / LOCK).exists()
     assert logged_losses(out) == {}
 
@@ -286,19 +359,53 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint_which_resumes_at_a_lower
     """The rate warms up over the whole run to a peak of 15 (SGD): the loss falls, then diverges."""
     out = tmp_path / "run"
     err = diverges(
-        capsys, "--schedule", "cosine", "--warmup", "1.0", "--lr", "15", "--min-lr", "15", "--log-interval", 10, "--checkpoint-interval", INTERVAL, "--out", out
+        capsys,
+        "--schedule",
+        "cosine",
+        "--warmup",
+        "1.0",
+        "--lr",
+        "15",
+        "--min-lr",
+        "15",
+        "--log-interval",
+        10,
+        "--checkpoint-interval",
+        INTERVAL,
+        "--out",
+        out,
     )
     diverged = int(err.split("diverged at step ")[1].split(" ")[0])
     state = checkpoint.load(out / CHECKPOINT)
     # The last checkpoint whose weights were checked (by the loss of the step after it) is kept; none after it was written.
     assert state["step"] == (diverged - 2) // INTERVAL * INTERVAL > 0
-    assert f"{out / CHECKPOINT} (step {state['step']}) is from before it: continue it with `makemore train --out {out} --resume --lr 1.5`" in err
+    assert (
+        f"{out / CHECKPOINT} (step {state['step']}) is from before it: continue it with `makemore train --out {out} --resume --lr 1.5`"
+        in err
+    )
     assert "the learning rate is too high: lower --lr (now 15, " in err
     assert bool(torch.isfinite(state["losses"]).all()) and float(state["losses"].max()) < 3 * math.log(27)
     assert max(logged_losses(out)) < diverged  # nothing diverged was logged either
     assert not (out / LOCK).exists()
 
-    assert main(["train", "--out", str(out), "--resume", "--lr", "1.5", "--quiet", "--samples", "0", "--eval-max-tokens", "1000"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(out),
+                "--resume",
+                "--lr",
+                "1.5",
+                "--quiet",
+                "--samples",
+                "0",
+                "--eval-max-tokens",
+                "1000",
+            ]
+        )
+        == 0
+    )
     resumed = checkpoint.load(out / CHECKPOINT)
     assert resumed["step"] == 100 and resumed["config"]["lr"] == 1.5
     assert torch.equal(resumed["losses"][: state["step"]], state["losses"])
@@ -320,7 +427,15 @@ def test_resuming_at_a_higher_rate_is_refused(tmp_path, capsys):
 def test_the_check_before_each_checkpoint_changes_nothing(tmp_path, settings):
     """It runs the next step's forward pass, which moves BatchNorm's running statistics and draws dropout masks:
     both are put back, so a checkpoint every step gives the bits of a run without checkpoints."""
-    common = {"data": "names", "n_embd": 8, "n_hidden": 16, "max_steps": 30, "log_interval": 10, "eval_max_tokens": 1000, **settings}
+    common = {
+        "data": "names",
+        "n_embd": 8,
+        "n_hidden": 16,
+        "max_steps": 30,
+        "log_interval": 10,
+        "eval_max_tokens": 1000,
+        **settings,
+    }
     for name, interval in (("every", 1), ("none", 1000)):
         config, model_config = make_configs({**common, "checkpoint_interval": interval})
         train(config, model_config, tmp_path / name, progress=False)

@@ -479,23 +479,35 @@ def test_triton_inplace_mode_makes_two_passes(monkeypatch, n, v, tile, reduction
     single_tile = v <= min(tk.TILE, tk.BLOCK_V_MAX)
     logits, target = make_case(n, v, ignore="some")
     launches, launch = [], tk._launch
-    monkeypatch.setattr(tk, "_launch", lambda kernel, *args, **meta: launches.append(kernel) or launch(kernel, *args, **meta))
+    monkeypatch.setattr(
+        tk, "_launch", lambda kernel, *args, **meta: launches.append(kernel) or launch(kernel, *args, **meta)
+    )
     for upstream_is_one in (True, False):
         x = logits.clone().requires_grad_()
         scaled = x * 1
         with interpreter_traffic() as passes:
-            loss = cross_entropy(scaled, target, reduction=reduction, label_smoothing=0.1, inplace_grad=True, backend="triton")
+            loss = cross_entropy(
+                scaled, target, reduction=reduction, label_smoothing=0.1, inplace_grad=True, backend="triton"
+            )
             assert (passes("load", scaled), passes("store", scaled)) == (1 if single_tile else 2, 1)
             passes.reset()
             launches.clear()
             if upstream_is_one:
                 upstream = torch.ones_like(loss)
             else:  # every third row keeps an incoming gradient of 1 and is left alone
-                upstream = torch.where(torch.arange(loss.numel()) % 3 == 0, 1.0, 2.5).view(loss.shape) if loss.dim() else torch.tensor(2.5)
+                upstream = (
+                    torch.where(torch.arange(loss.numel()) % 3 == 0, 1.0, 2.5).view(loss.shape)
+                    if loss.dim()
+                    else torch.tensor(2.5)
+                )
             loss.backward(upstream)
-            touched = 0.0 if upstream_is_one else float((upstream.reshape(-1) != 1).float().mean()) if loss.dim() else 1.0
+            touched = (
+                0.0 if upstream_is_one else float((upstream.reshape(-1) != 1).float().mean()) if loss.dim() else 1.0
+            )
             assert launches == [tk._rescale_kernel]  # the host launched it without looking at the value
-            assert passes("load", scaled) == pytest.approx(touched) and passes("store", scaled) == pytest.approx(touched)
+            assert passes("load", scaled) == pytest.approx(touched) and passes("store", scaled) == pytest.approx(
+                touched
+            )
         x_ref = logits.double().requires_grad_()
         ref = F.cross_entropy(x_ref, target, reduction=reduction, label_smoothing=0.1)
         (ref * upstream.double()).sum().backward()
@@ -567,7 +579,11 @@ def test_opinfo_samples_with_classes_last(backend):
         kwargs = {k: v for k, v in sample.kwargs.items() if k in ("reduction", "ignore_index", "label_smoothing")}
         ref = F.cross_entropy(sample.input, target, **kwargs)
         (ref_grad,) = torch.autograd.grad(ref.sum(), sample.input)
-        x = sample.input.detach().movedim(1, -1).clone().requires_grad_() if sample.input.dim() > 1 else sample.input.detach().clone().requires_grad_()
+        x = (
+            sample.input.detach().movedim(1, -1).clone().requires_grad_()
+            if sample.input.dim() > 1
+            else sample.input.detach().clone().requires_grad_()
+        )
         loss = cross_entropy(x, target, backend=backend, **kwargs)
         loss.sum().backward()
         torch.testing.assert_close(loss, ref)
@@ -615,7 +631,9 @@ def test_triton_never_synchronises_with_the_host(inplace_grad, reduction):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = cross_entropy(x * 1, target, reduction=reduction, inplace_grad=inplace_grad, label_smoothing=0.1, backend="triton")
+        loss = cross_entropy(
+            x * 1, target, reduction=reduction, inplace_grad=inplace_grad, label_smoothing=0.1, backend="triton"
+        )
         loss.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -639,7 +657,9 @@ def test_compiles_into_one_graph_with_its_backward(backend, inplace_grad, reduct
 
     @torch.compile(fullgraph=True, backend=counter)
     def step(x, t):
-        return cross_entropy(x * 2, t, reduction=reduction, label_smoothing=0.1, inplace_grad=inplace_grad, backend=backend)
+        return cross_entropy(
+            x * 2, t, reduction=reduction, label_smoothing=0.1, inplace_grad=inplace_grad, backend=backend
+        )
 
     x = logits.clone().requires_grad_()
     loss = step(x, target)
@@ -677,7 +697,9 @@ def test_compiled_bad_target_is_still_an_error(backend):
     ignore=st.sampled_from(["none", "some", "all"]),
     reduction=st.sampled_from(REDUCTIONS),
     label_smoothing=st.sampled_from([0.0, 0.1, 0.5]),
-    extremes=st.lists(st.tuples(st.integers(0, 39), st.integers(0, 299), st.sampled_from([1e4, -1e4, -float("inf")])), max_size=4),
+    extremes=st.lists(
+        st.tuples(st.integers(0, 39), st.integers(0, 299), st.sampled_from([1e4, -1e4, -float("inf")])), max_size=4
+    ),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_property_matches_torch(backend, n, v, scale, ignore, reduction, label_smoothing, extremes, seed):
@@ -710,8 +732,12 @@ print("synchronized", flush=True)
 def test_out_of_range_target_is_a_clear_error(backend, bad):
     device = device_for(backend)
     if device == "cuda":
-        child = subprocess.run([sys.executable, "-c", BAD_TARGET_ON_CUDA, backend, str(bad)], capture_output=True, text=True, timeout=300)
-        assert child.returncode != 0 and "returned" in child.stdout and "synchronized" not in child.stdout, child.stdout + child.stderr[-3000:]
+        child = subprocess.run(
+            [sys.executable, "-c", BAD_TARGET_ON_CUDA, backend, str(bad)], capture_output=True, text=True, timeout=300
+        )
+        assert child.returncode != 0 and "returned" in child.stdout and "synchronized" not in child.stdout, (
+            child.stdout + child.stderr[-3000:]
+        )
         assert "device-side assert" in child.stderr, child.stderr[-3000:]
         return
     logits, target = make_case(6, 27, ignore="some", device=device)
@@ -781,19 +807,27 @@ def test_triton_backend_on_cpu_tensors_says_how_to_run_it():
         cross_entropy(logits, target, backend="triton")
 
 
-@pytest.mark.parametrize("n, inplace_grad, expected", [(4, False, "aten"), (4, True, "torch"), ("at the crossover", False, "torch")])
+@pytest.mark.parametrize(
+    "n, inplace_grad, expected", [(4, False, "aten"), (4, True, "torch"), ("at the crossover", False, "torch")]
+)
 def test_auto_on_cpu_takes_f_cross_entropy_below_the_crossover(monkeypatch, n, inplace_grad, expected):
     """Small problems go to F.cross_entropy (no Python autograd.Function to pay for), large ones to the fallback."""
     if n == "at the crossover":
         n = -(-xent.ATEN_BELOW // (2 * 27))  # rows of (2, 27) logits: the first size at or above ATEN_BELOW
     calls = []
     monkeypatch.setitem(xent._FORWARD, "torch", lambda *args: calls.append("torch") or _torch.forward(*args))
-    spy = SimpleNamespace(cross_entropy=lambda *args, **kwargs: calls.append("aten") or F.cross_entropy(*args, **kwargs))
+    spy = SimpleNamespace(
+        cross_entropy=lambda *args, **kwargs: calls.append("aten") or F.cross_entropy(*args, **kwargs)
+    )
     monkeypatch.setattr(xent, "F", spy)
     logits, target = make_case(n, 27, ignore="some", batch=(2,))
-    loss = cross_entropy(logits.clone().requires_grad_(), target, reduction="none", label_smoothing=0.1, inplace_grad=inplace_grad)
+    loss = cross_entropy(
+        logits.clone().requires_grad_(), target, reduction="none", label_smoothing=0.1, inplace_grad=inplace_grad
+    )
     assert calls == [expected]
-    torch.testing.assert_close(loss, F.cross_entropy(logits.transpose(1, 2), target, reduction="none", label_smoothing=0.1))
+    torch.testing.assert_close(
+        loss, F.cross_entropy(logits.transpose(1, 2), target, reduction="none", label_smoothing=0.1)
+    )
 
 
 # --- the Triton path in the interpreter ---------------------------------------------------------

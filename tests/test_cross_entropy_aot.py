@@ -84,7 +84,9 @@ def _cases(dtype_name: str) -> list[dict]:
         for v in VOCABS_OF[dtype_name] if target_dtype == "int64" else INT32_VOCABS:
             for smoothing in (0.0, 0.1):
                 for inplace in (False, True):
-                    cases.append(dict(dtype=dtype_name, target=target_dtype, v=v, n=None, smoothing=smoothing, inplace=inplace))
+                    cases.append(
+                        dict(dtype=dtype_name, target=target_dtype, v=v, n=None, smoothing=smoothing, inplace=inplace)
+                    )
     if dtype_name in ("fp32", "bf16"):
         # The reductions: "sum" (no count), "none" (per-row losses and incoming gradients).
         for v in (27, 65):
@@ -100,8 +102,12 @@ def _cases(dtype_name: str) -> list[dict]:
         for v in (65, 50257):
             for n in (1, 4095 if v < 1000 else 3):
                 cases.append(dict(dtype=dtype_name, target="int64", v=v, n=n, smoothing=0.1, inplace=False))
-            cases.append(dict(dtype=dtype_name, target="int64", v=v, n=None, smoothing=0.1, inplace=False, transposed=True))
-            cases.append(dict(dtype=dtype_name, target="int64", v=v, n=None, smoothing=0.0, inplace=True, reduction="none"))
+            cases.append(
+                dict(dtype=dtype_name, target="int64", v=v, n=None, smoothing=0.1, inplace=False, transposed=True)
+            )
+            cases.append(
+                dict(dtype=dtype_name, target="int64", v=v, n=None, smoothing=0.0, inplace=True, reduction="none")
+            )
     return cases
 
 
@@ -124,7 +130,12 @@ def _record_launches(case: dict) -> list[tuple]:
         x = logits.clone().requires_grad_()
         source = x * 1 if case["inplace"] else x
         out = xent.cross_entropy(
-            source, target, reduction=reduction, label_smoothing=case["smoothing"], inplace_grad=case["inplace"], backend="triton"
+            source,
+            target,
+            reduction=reduction,
+            label_smoothing=case["smoothing"],
+            inplace_grad=case["inplace"],
+            backend="triton",
         )
         out.backward(torch.full_like(out, 2.5))
     finally:
@@ -166,7 +177,9 @@ def _resources(compiled, bin_dir: Path) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        out = subprocess.run([str(bin_dir / "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [str(bin_dir / "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     match = re.search(r"REG:(\d+) STACK:(\d+)", out)
     return int(match.group(1)), int(match.group(2))
 
@@ -209,7 +222,12 @@ def _compile_task(arch: int, dtype_name: str) -> list[dict]:
             seen.add(compiled.hash)
             regs, stack = _resources(compiled, bin_dir)
             row = dict(label, regs=regs, stack=stack)
-            table_row = case["target"] == "int64" and case["n"] is None and not case.get("transposed") and not case.get("reduction")
+            table_row = (
+                case["target"] == "int64"
+                and case["n"] is None
+                and not case.get("transposed")
+                and not case.get("reduction")
+            )
             table_row = table_row and (case["smoothing"] or label["kernel"] in ("backward", "rescale"))
             if table_row and dtype_name in ("fp32", "bf16"):
                 row["ptxas"] = _spill_bytes(compiled, arch, bin_dir)
@@ -223,7 +241,9 @@ def compiled() -> list[dict]:
     workers = max(1, min(len(tasks), os.cpu_count() or 1))
     # spawn, not fork: a forked child would inherit this process's torch thread pools.
     # One torch thread a worker: two workers' spinning OpenMP pools on two cores ran 50x slower.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
         results = list(pool.map(_compile_task, *zip(*tasks)))
     return [row for rows in results for row in rows]
 
@@ -260,7 +280,9 @@ def test_every_configuration_compiles_for_sm80_and_sm90(compiled, capsys):
     assert kernels == {(k, a) for k in ("forward", "forward+grad", "backward", "rescale") for a in ARCHS}
     with capsys.disabled():  # shown without -s
         most = max(row["regs"] for row in compiled)
-        print(f"\nAOT: {len(compiled)} distinct kernels compiled for sm_80 and sm_90 without errors, at most {most} registers a thread. TABLE:\n{table(compiled)}")
+        print(
+            f"\nAOT: {len(compiled)} distinct kernels compiled for sm_80 and sm_90 without errors, at most {most} registers a thread. TABLE:\n{table(compiled)}"
+        )
 
 
 def test_every_configuration_fits_the_register_budget_without_spills(compiled):
@@ -290,7 +312,9 @@ def test_recorded_launches_are_what_the_dispatcher_runs():
     launched = (meta["ROWS"], meta["BLOCK_V"], meta["FLAT"], meta["FLAT_ROWS"], meta["num_warps"])
     assert cfg.flat and launched == (cfg.rows, cfg.block_v, cfg.flat, cfg.flat_rows, cfg.num_warps)
     assert n_blocks == -(-4096 // cfg.flat_rows) and meta["V"] == 27 and meta["COUNT_FIRST"] and meta["debug"]
-    assert meta["SINGLE_TILE"] and meta["SMOOTHING"] and args[0].dtype == torch.bfloat16 and args[3].dtype == torch.int32
+    assert (
+        meta["SINGLE_TILE"] and meta["SMOOTHING"] and args[0].dtype == torch.bfloat16 and args[3].dtype == torch.int32
+    )
     large = _record_launches(dict(dtype="fp32", target="int64", v=50257, n=None, smoothing=0.0, inplace=False))
     assert [_describe(k, m) for k, _, _, m in large] == ["forward", "backward"]
     assert not large[0][3]["SINGLE_TILE"] and large[0][3]["BLOCK_V"] == tk.BLOCK_V_MAX // 2

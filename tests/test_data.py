@@ -67,7 +67,9 @@ def test_sequence_batches_hold_exactly_the_windows(names, names_vocab, R):
     windows = torch.cat([b.idx.unfold(1, R, 1)[b.targets != IGNORE_INDEX] for b in batches])
     targets = torch.cat([b.targets[b.targets != IGNORE_INDEX] for b in batches])
     X, Y = source.windows("val", R)
-    assert torch.equal(multiset(torch.cat([windows, targets[:, None]], 1)), multiset(torch.cat([X, Y[:, None]], 1).long()))
+    assert torch.equal(
+        multiset(torch.cat([windows, targets[:, None]], 1)), multiset(torch.cat([X, Y[:, None]], 1).long())
+    )
     valid = torch.cat([(b.targets != IGNORE_INDEX).sum(1) for b in batches])
     assert sorted(valid.tolist()) == sorted(len(w) + 1 for w in source.items("val"))
 
@@ -78,7 +80,9 @@ def multiset(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([distinct, counts[:, None]], 1)
 
 
-@pytest.mark.parametrize("index_bits", [31, 56])  # 56: keys keep 8 bits of hash, so each lookup meets about 10 strangers
+@pytest.mark.parametrize(
+    "index_bits", [31, 56]
+)  # 56: keys keep 8 bits of hash, so each lookup meets about 10 strangers
 def test_item_set_holds_exactly_the_splits_items(names, names_vocab, monkeypatch, index_bits):
     monkeypatch.setattr(data.ItemSet, "INDEX_BITS", index_bits)
     source = data.LineSource(names[:3000], names_vocab)
@@ -95,7 +99,10 @@ def test_random_batches_in_both_layouts(names, names_vocab):
     windows = source.batch("train", 16, "windows", 8, g)
     assert windows.idx.shape == (16, 8) and windows.targets.shape == (16, 1) and windows.idx.dtype == torch.int64
     sequences = source.batch("train", 16, "sequences", 8, g)
-    assert sequences.idx.shape == (16, 8 + 15) and sequences.targets.shape == (16, 16)  # fixed width: the longest name, 15
+    assert sequences.idx.shape == (16, 8 + 15) and sequences.targets.shape == (
+        16,
+        16,
+    )  # fixed width: the longest name, 15
 
 
 def test_stream_batches_and_bounded_evaluation():
@@ -137,7 +144,11 @@ def test_stream_ids_are_compact(tmp_path):
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="."), min_size=1), min_size=1))
+@given(
+    st.lists(
+        st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="."), min_size=1), min_size=1
+    )
+)
 def test_vocab_round_trips_any_unicode(items):
     vocab = Vocab.for_lines(items)
     text = "".join(items)

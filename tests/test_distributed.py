@@ -28,11 +28,24 @@ from makemore.train.distributed import stream_seed
 from makemore.train.optim import learning_rate, make_optimizer
 
 if not (dist.is_available() and dist.is_gloo_available()):
-    pytest.skip("torch.distributed with the gloo backend is not available in this build of torch", allow_module_level=True)
+    pytest.skip(
+        "torch.distributed with the gloo backend is not available in this build of torch", allow_module_level=True
+    )
 
 # A tiny normalisation-free model: DDP's averaged gradient is then the gradient of the global batch.
 # Windows layout: one target per row, so the mean loss over the global batch is the mean of the ranks' means.
-TINY = dict(model="gated", n_embd=8, n_skip=8, n_levels=2, stacks=1, batch_size=16, optimizer="adamw", lr=1e-2, decay_at=1.0, dtype="float32")
+TINY = dict(
+    model="gated",
+    n_embd=8,
+    n_skip=8,
+    n_levels=2,
+    stacks=1,
+    batch_size=16,
+    optimizer="adamw",
+    lr=1e-2,
+    decay_at=1.0,
+    dtype="float32",
+)
 REPORTING = ["--quiet", "--samples", "0", "--log-interval", "1", "--eval-max-tokens", "1000"]
 STEPS = 4
 
@@ -45,7 +58,18 @@ def torchrun_command(*argv, nproc: int = 2) -> tuple[list[str], dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "makemore", "train", *map(str, argv)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "makemore",
+        "train",
+        *map(str, argv),
+    ]
     return command, env
 
 
@@ -61,13 +85,19 @@ def single_process_on_the_global_batch(settings: dict, steps: int):
     source = load_source(config.data, config.kind, seed=config.seed)
     torch.manual_seed(config.seed)
     model = build_model(config.model, replace(model_config, vocab_size=len(source.vocab)))
-    generators = [torch.Generator().set_state(torch.get_rng_state()), torch.Generator().manual_seed(stream_seed(config.seed, 1))]
+    generators = [
+        torch.Generator().set_state(torch.get_rng_state()),
+        torch.Generator().manual_seed(stream_seed(config.seed, 1)),
+    ]
     optimizer = make_optimizer(config, model)
     losses = []
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step / config.max_steps)
-        batches = [source.batch("train", config.batch_size, config.layout, model.receptive_field, g, config.seq_len) for g in generators]
+        batches = [
+            source.batch("train", config.batch_size, config.layout, model.receptive_field, g, config.seq_len)
+            for g in generators
+        ]
         _, loss = model(torch.cat([b.idx for b in batches]), torch.cat([b.targets for b in batches]))
         loss.backward()
         optimizer.step()
@@ -171,7 +201,9 @@ def test_one_process_under_torchrun_is_a_plain_run(tmp_path, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+    for name, value in dict(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    ).items():
         monkeypatch.setenv(name, value)
     train(config, model_config, tmp_path / "ddp", progress=False)
     assert not dist.is_initialized()  # torn down
@@ -202,7 +234,9 @@ def test_a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes(tmp_path):
     reset at once; no timeout is involved), torchrun stops the job and names the killed rank, and the last
     checkpoint is whole and resumes. Bounded: 120 s from the kill to the end of the job."""
     out = tmp_path / "killed"
-    command, env = torchrun_command(*flags(TINY), "--max-steps", 10**6, "--checkpoint-interval", 5, *REPORTING, "--out", out)
+    command, env = torchrun_command(
+        *flags(TINY), "--max-steps", 10**6, "--checkpoint-interval", 5, *REPORTING, "--out", out
+    )
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 300
@@ -228,7 +262,10 @@ def test_a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes(tmp_path):
     # Rank 0 says so in one line if it notices before torchrun stops it, and never with a traceback.
     for line in err.splitlines():
         if "makemore train: error:" in line:
-            assert "lost contact with another process of this job" in line and "continue with the same command and --resume" in line, err
+            assert (
+                "lost contact with another process of this job" in line
+                and "continue with the same command and --resume" in line
+            ), err
     frames = [row for row in err.splitlines() if row.lstrip().startswith('File "') or "Traceback" in row]
     assert not [row for row in frames if "[rank" in row], err
 

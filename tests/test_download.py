@@ -55,7 +55,9 @@ def data_dir(tmp_path, monkeypatch):
 
 
 def register(monkeypatch, url: str, payload: bytes, name="tiny") -> None:
-    monkeypatch.setitem(data.DATASETS, name, data.DatasetInfo(f"{name}.txt", url, hashlib.sha256(payload).hexdigest(), "lines"))
+    monkeypatch.setitem(
+        data.DATASETS, name, data.DatasetInfo(f"{name}.txt", url, hashlib.sha256(payload).hexdigest(), "lines")
+    )
 
 
 def one_line_error(call, match: str) -> str:
@@ -89,7 +91,10 @@ def test_a_url_with_its_sha256_is_downloaded_once(server, data_dir):
 @pytest.mark.parametrize("fragment", ["", "#sha256=abc", "#md5=" + "0" * 32])
 def test_a_url_without_a_sha256_is_refused_before_downloading(server, data_dir, fragment):
     routes, base = server
-    one_line_error(lambda: data.resolve(f"{base}/names.txt{fragment}"), r"a URL must name its SHA-256, as in http://.*/names.txt#sha256=<64 hex digits>")
+    one_line_error(
+        lambda: data.resolve(f"{base}/names.txt{fragment}"),
+        r"a URL must name its SHA-256, as in http://.*/names.txt#sha256=<64 hex digits>",
+    )
     assert routes["/requests"] == [] and list(data_dir.iterdir()) == []
 
 
@@ -104,7 +109,10 @@ def test_a_wrong_checksum_saves_nothing(server, data_dir, monkeypatch):
     routes, base = server
     routes["/tiny.txt"] = (NAMES, len(NAMES), 0)
     register(monkeypatch, f"{base}/tiny.txt", b"other bytes")
-    one_line_error(lambda: data.load_source("tiny"), r"tiny.txt: SHA-256 [0-9a-f]{64} does not match the expected .*; nothing was saved")
+    one_line_error(
+        lambda: data.load_source("tiny"),
+        r"tiny.txt: SHA-256 [0-9a-f]{64} does not match the expected .*; nothing was saved",
+    )
     assert list(data_dir.iterdir()) == []  # no file in place, no .part file left
 
 
@@ -133,7 +141,10 @@ def test_a_server_that_is_down(data_dir, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     register(monkeypatch, f"http://127.0.0.1:{port}/tiny.txt", NAMES)
-    one_line_error(lambda: data.load_source("tiny"), r"could not download http://127.0.0.1:\d+/tiny.txt \(.*[Cc]onnection refused\)")
+    one_line_error(
+        lambda: data.load_source("tiny"),
+        r"could not download http://127.0.0.1:\d+/tiny.txt \(.*[Cc]onnection refused\)",
+    )
     assert list(data_dir.iterdir()) == []
 
 
@@ -148,5 +159,8 @@ def test_an_altered_file_in_place_is_reported_not_used(server, data_dir, monkeyp
     routes, base = server
     register(monkeypatch, f"{base}/tiny.txt", NAMES)
     (data_dir / "tiny.txt").write_bytes(NAMES.replace(b"anna", b"anne"))
-    one_line_error(lambda: data.load_source("tiny"), r"tiny.txt: SHA-256 does not match the registered .*delete the file to download it again")
+    one_line_error(
+        lambda: data.load_source("tiny"),
+        r"tiny.txt: SHA-256 does not match the registered .*delete the file to download it again",
+    )
     assert routes["/requests"] == []

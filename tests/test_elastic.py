@@ -24,7 +24,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import REPORTING, STEPS, TINY, flags, single_process_on_the_global_batch, torchrun, torchrun_command, workers
+from test_distributed import (
+    REPORTING,
+    STEPS,
+    TINY,
+    flags,
+    single_process_on_the_global_batch,
+    torchrun,
+    torchrun_command,
+    workers,
+)
 
 from makemore import checkpoint
 from makemore.train import CHECKPOINT, METRICS
@@ -107,7 +116,12 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(tm
     finally:
         stop(job)
     state = checkpoint.load(out / CHECKPOINT)
-    assert 0 < state["step"] < 20 and state["world_size"] == 2 and len(state["generators"]) == 2 and not (out / LOCK).exists()
+    assert (
+        0 < state["step"] < 20
+        and state["world_size"] == 2
+        and len(state["generators"]) == 2
+        and not (out / LOCK).exists()
+    )
     lines = [line for line in err.splitlines() if "makemore train:" in line]
     assert len(lines) == 1 and lines[0].endswith(
         f"makemore train: stopped by SIGTERM at step {state['step']}; checkpoint {out / CHECKPOINT} written; "
@@ -133,15 +147,30 @@ raise SystemExit(main(sys.argv[1:]))
 """
 
 
-def test_a_rank_killed_mid_run_is_restarted_from_the_last_checkpoint_and_ends_as_the_uninterrupted_run(tmp_path, reference):
+def test_a_rank_killed_mid_run_is_restarted_from_the_last_checkpoint_and_ends_as_the_uninterrupted_run(
+    tmp_path, reference
+):
     out = tmp_path / "elastic"
     command, env = torchrun_script(tmp_path / "kill_rank_1_once.py", KILLER, "--max-restarts", "1")
-    command += ["--resume", "auto", *map(str, flags(TINY)), "--max-steps", "20", "--checkpoint-interval", "5", *REPORTING, "--out", str(out)]
+    command += [
+        "--resume",
+        "auto",
+        *map(str, flags(TINY)),
+        "--max-steps",
+        "20",
+        "--checkpoint-interval",
+        "5",
+        *REPORTING,
+        "--out",
+        str(out),
+    ]
     result = run(command, env)
     assert result.returncode == 0, result.stderr
     # Rank 1 was SIGKILLed; torchrun restarts the group on the first failure its monitor sees: rank 1's SIGKILL,
     # or rank 0's clean exit 2 after its one line ("lost contact"), whichever it polls first.
-    assert "failed (exitcode: -9) local_rank: 1" in result.stderr or "failed (exitcode: 2) local_rank: 0" in result.stderr, result.stderr
+    assert (
+        "failed (exitcode: -9) local_rank: 1" in result.stderr or "failed (exitcode: 2) local_rank: 0" in result.stderr
+    ), result.stderr
     records = (out / METRICS).read_text()
     assert records.count('"run"') == 2 and '{"step": 10, "run"' in records  # ... and the restart resumed from step 10
     same_weights(checkpoint.load(out / CHECKPOINT), reference(20))
@@ -228,4 +257,6 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_with_one_line_naming_it(
     err = stderr.read_text()
     lines = [line for line in err.splitlines() if "makemore train: error:" in line]
     assert len(lines) == 1 and "rank 0: rank 1 did not answer within --dist-timeout 3 s" in lines[0], err
-    assert ended < 3 + 3 + 30, err  # the timeout, the 3 s rank 0 waits for other ranks to answer, room for a busy machine
+    assert ended < 3 + 3 + 30, (
+        err
+    )  # the timeout, the 3 s rank 0 waits for other ranks to answer, room for a busy machine

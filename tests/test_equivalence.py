@@ -48,7 +48,9 @@ def no_tf32():
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     # flags(): the only way allowed once torch.testing._internal (the OpInfo test) has frozen cudnn's global flags.
-    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False):
+    with cudnn.flags(
+        enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+    ):
         yield
     torch.backends.cuda.matmul.allow_tf32 = saved
 
@@ -58,8 +60,15 @@ def no_tf32():
 def test_every_order_is_the_reference_in_eval_and_training_mode(case, dtype, device):
     B, n_embd, n_hidden, N, T, fused = case
     torch.manual_seed(0)
-    rows = assert_orders_match_reference(WaveNet(WaveNetConfig(11, B, n_embd, n_hidden, fused=fused)), N, T, dtype, device)
-    assert {(r.order, r.mode) for r in rows} >= {("per position (lecture loop)", "eval"), ("cached steps", "eval"), ("conv", "train"), ("windows", "train")}
+    rows = assert_orders_match_reference(
+        WaveNet(WaveNetConfig(11, B, n_embd, n_hidden, fused=fused)), N, T, dtype, device
+    )
+    assert {(r.order, r.mode) for r in rows} >= {
+        ("per position (lecture loop)", "eval"),
+        ("cached steps", "eval"),
+        ("conv", "train"),
+        ("windows", "train"),
+    }
     assert all(r.buffers is not None for r in rows if r.mode == "train")
 
 
@@ -78,7 +87,9 @@ def test_any_shape_and_padding_is_the_reference(log_block, lengths, fused, seed)
     model = WaveNet(WaveNetConfig(11, B, 4, 6, fused=fused)).double()
     gen = torch.Generator().manual_seed(seed)
     S = torch.randint(0, 11, (N, B + T - 1), generator=gen)
-    Y = torch.randint(0, 11, (N, T), generator=gen).masked_fill(torch.arange(T) >= torch.tensor(lengths)[:, None], IGNORE_INDEX)
+    Y = torch.randint(0, 11, (N, T), generator=gen).masked_fill(
+        torch.arange(T) >= torch.tensor(lengths)[:, None], IGNORE_INDEX
+    )
     prepare(model, S, seed=seed)
     rows = compare(model, S, Y, dtype=torch.float64, tolerance=TOLERANCES["float64"])
     assert all(r.passed for r in rows), "\n" + table(rows)
@@ -104,7 +115,9 @@ def test_appending_padding_changes_no_statistics_and_no_valid_output():
     long.load_state_dict(short.state_dict())
     unmasked.load_state_dict(short.state_dict())
     S = torch.randint(0, 27, (4, 8 + 10 - 1))
-    targets = torch.randint(0, 27, (4, 10)).masked_fill(torch.arange(10) >= torch.tensor([[10], [3], [7], [1]]), IGNORE_INDEX)
+    targets = torch.randint(0, 27, (4, 10)).masked_fill(
+        torch.arange(10) >= torch.tensor([[10], [3], [7], [1]]), IGNORE_INDEX
+    )
     padded = torch.cat([S, torch.randint(1, 27, (4, 9))], 1)  # garbage on the right: anything but the boundary
     padded_targets = torch.cat([targets, torch.full((4, 9), IGNORE_INDEX)], 1)
 

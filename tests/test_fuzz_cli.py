@@ -41,7 +41,11 @@ def invoke(*argv) -> tuple[object, str, mock.Mock, bool]:
     err = io.StringIO()
     stub = mock.Mock(side_effect=Trained)
     by_argparse = False
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), mock.patch.object(cli, "train", stub):
+    with (
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+        mock.patch.object(cli, "train", stub),
+    ):
         try:
             code = cli.main([str(a) for a in argv])
         except SystemExit as e:  # argparse's own errors: usage, then one error line
@@ -96,7 +100,9 @@ def _floats(low, high, *, low_ok=True, high_ok=True):
 
 
 def _not_in(choices):
-    return st.text(st.characters(codec="ascii", categories=["L", "N", "Pd"]), max_size=12).filter(lambda s: s not in choices)
+    return st.text(st.characters(codec="ascii", categories=["L", "N", "Pd"]), max_size=12).filter(
+        lambda s: s not in choices
+    )
 
 
 # Flag name (as a field) -> (the model that has it, or None for TrainConfig's, bad values as text).
@@ -124,7 +130,12 @@ INVALID = {
     "warmup": (None, _floats(0, 1)),
     "beta1": (None, _floats(0, 1, high_ok=False)),  # 1 itself is refused: AdamW divides by 1 - beta^t
     "beta2": (None, _floats(0, 1, high_ok=False)),
-    "device": (None, st.text(st.characters(codec="ascii", categories=["L", "N", "P"]), max_size=10).filter(lambda s: not re.fullmatch(r"auto|(cpu|cuda|mps)(:\d+)?", s))),
+    "device": (
+        None,
+        st.text(st.characters(codec="ascii", categories=["L", "N", "P"]), max_size=10).filter(
+            lambda s: not re.fullmatch(r"auto|(cpu|cuda|mps)(:\d+)?", s)
+        ),
+    ),
     "kind": (None, _not_in(("auto", "lines", "stream"))),
     "layout": (None, _not_in(("windows", "sequences"))),
     "model": (None, _not_in(tuple(MODELS))),
@@ -132,7 +143,10 @@ INVALID = {
     "schedule": (None, _not_in(("step", "cosine"))),
     "dtype": (None, _not_in(("auto", "float32", "bfloat16"))),
     "compile_mode": (None, _not_in(("default", "reduce-overhead", "max-autotune"))),
-    "block_size": ("wavenet", st.integers(max_value=1) | st.integers(3, 2**62).filter(lambda b: b & (b - 1)) | HUGE),  # a power of two >= 2
+    "block_size": (
+        "wavenet",
+        st.integers(max_value=1) | st.integers(3, 2**62).filter(lambda b: b & (b - 1)) | HUGE,
+    ),  # a power of two >= 2
     "n_embd": ("mlp", POSITIVE),
     "n_hidden": ("wavenet", POSITIVE),
     "n_skip": ("gated", POSITIVE),
@@ -214,7 +228,9 @@ def test_a_bad_setting_is_refused_when_resuming_too(tmp_path, checkpoints):
     """What a resumed run may change is checked like a new run's settings; the rest may not change at all."""
     run = tmp_path / "run"
     shutil.copytree(checkpoints / "lines", run)
-    assert "must be a finite number" in assert_refused("train", "--max-seconds", ["--out", run, "--resume", "--max-seconds", "nan"])
+    assert "must be a finite number" in assert_refused(
+        "train", "--max-seconds", ["--out", run, "--resume", "--max-seconds", "nan"]
+    )
     assert "cannot change when resuming" in assert_refused("train", "--lr", ["--out", run, "--resume", "--lr", "nan"])
 
 
@@ -239,7 +255,9 @@ def test_out_under_a_read_only_directory(tmp_path):
     locked.mkdir(mode=0o500)
     try:
         for out in (locked / "run", locked):
-            assert "cannot write there (Permission denied)" in assert_refused("train", "--out", ["--out", out, "--max-steps", "1"])
+            assert "cannot write there (Permission denied)" in assert_refused(
+                "train", "--out", ["--out", out, "--max-steps", "1"]
+            )
     finally:
         locked.chmod(0o700)
 
@@ -251,7 +269,9 @@ def test_out_that_cannot_be_written_even_by_root(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied", str(tmp_path / "run"))
 
     monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
-    assert "cannot write there (Permission denied)" in assert_refused("train", "--out", ["--out", tmp_path / "run", "--max-steps", "1"])
+    assert "cannot write there (Permission denied)" in assert_refused(
+        "train", "--out", ["--out", tmp_path / "run", "--max-steps", "1"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -283,29 +303,43 @@ def test_os_errors_during_a_run_are_one_line(tmp_path, error):
 )
 def test_a_size_too_large_for_memory_is_one_line(tmp_path, capsys, flags):
     """Sizes within int64 that no machine can allocate: the real setup runs until the allocation fails."""
-    assert cli.main(["train", "--out", str(tmp_path / "run"), "--max-steps", "1", "--quiet", "--samples", "0", *flags]) == 2
+    assert (
+        cli.main(["train", "--out", str(tmp_path / "run"), "--max-steps", "1", "--quiet", "--samples", "0", *flags])
+        == 2
+    )
     err = capsys.readouterr().err
-    assert re.fullmatch(r"makemore train: error: out of memory \(tried to allocate [\d.]+ PiB\); lower --batch-size, .*\n", err), err
+    assert re.fullmatch(
+        r"makemore train: error: out of memory \(tried to allocate [\d.]+ PiB\); lower --batch-size, .*\n", err
+    ), err
 
 
 def test_cuda_out_of_memory_is_one_line(tmp_path):
-    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.1 GiB\nof which ...")
+    error = torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.1 GiB\nof which ..."
+    )
     err = io.StringIO()
     with contextlib.redirect_stderr(err), mock.patch.object(cli, "train", side_effect=error):
         assert cli.main(["train", "--out", str(tmp_path / "run")]) == 2
-    assert err.getvalue().startswith("makemore train: error: out of memory (tried to allocate 20.00 GiB); lower --batch-size")
+    assert err.getvalue().startswith(
+        "makemore train: error: out of memory (tried to allocate 20.00 GiB); lower --batch-size"
+    )
     assert err.getvalue().count("\n") == 1
 
 
 def test_other_runtime_errors_keep_their_traceback(tmp_path):
     """Only known failures become one line: a bug elsewhere must still show where it is."""
-    with mock.patch.object(cli, "train", side_effect=RuntimeError("shape mismatch")), pytest.raises(RuntimeError, match="shape mismatch"):
+    with (
+        mock.patch.object(cli, "train", side_effect=RuntimeError("shape mismatch")),
+        pytest.raises(RuntimeError, match="shape mismatch"),
+    ):
         cli.main(["train", "--out", str(tmp_path / "run")])
 
 
 def test_multi_line_errors_are_cut_to_their_first_line(tmp_path):
     """torch's ValueErrors carry a C++ stack trace after the message."""
-    error = ValueError('randn(): argument \'size\' failed to unpack the object\nException raised from THPUtils_unpackLong\nframe #0: ...')
+    error = ValueError(
+        "randn(): argument 'size' failed to unpack the object\nException raised from THPUtils_unpackLong\nframe #0: ..."
+    )
     err = io.StringIO()
     with contextlib.redirect_stderr(err), mock.patch.object(cli, "train", side_effect=error):
         assert cli.main(["train", "--out", str(tmp_path / "run")]) == 2
@@ -335,9 +369,22 @@ VALID_TRAIN = {
     "device": st.sampled_from(["cpu", "cpu:0"]),
 }
 VALID_MODEL = {
-    "wavenet": {"block_size": st.sampled_from([2, 4, 8, 64, 1024]), "n_embd": st.integers(1, 4096), "n_hidden": st.integers(1, 4096), "order": st.sampled_from(["conv", "conv1d", "windows"])},
+    "wavenet": {
+        "block_size": st.sampled_from([2, 4, 8, 64, 1024]),
+        "n_embd": st.integers(1, 4096),
+        "n_hidden": st.integers(1, 4096),
+        "order": st.sampled_from(["conv", "conv1d", "windows"]),
+    },
     "mlp": {"block_size": st.integers(1, 4096), "n_embd": st.integers(1, 4096), "n_hidden": st.integers(1, 4096)},
-    "gated": {"n_embd": st.integers(1, 512), "n_hidden": st.integers(1, 512), "n_skip": st.integers(1, 512), "n_levels": st.integers(1, 16), "stacks": st.integers(1, 16), "dropout": st.floats(0, 1, exclude_max=True), "order": st.sampled_from(["conv", "windows"])},
+    "gated": {
+        "n_embd": st.integers(1, 512),
+        "n_hidden": st.integers(1, 512),
+        "n_skip": st.integers(1, 512),
+        "n_levels": st.integers(1, 16),
+        "stacks": st.integers(1, 16),
+        "dropout": st.floats(0, 1, exclude_max=True),
+        "order": st.sampled_from(["conv", "windows"]),
+    },
     "ngram": {"n": st.integers(2, 5), "smoothing": st.floats(0, 1e6)},
     "neural-bigram": {},
 }
@@ -372,7 +419,10 @@ def test_good_settings_reach_training_unchanged(out, choice):
     config, model_config, out_dir = stub.call_args.args
     assert out_dir == out and config.model == model
     for name, value in given_settings.items():
-        assert getattr(model_config if hasattr(model_config, name) and not hasattr(config, name) else config, name) == value, name
+        assert (
+            getattr(model_config if hasattr(model_config, name) and not hasattr(config, name) else config, name)
+            == value
+        ), name
 
 
 # --- sample and eval ----------------------------------------------------------------------------
@@ -418,7 +468,19 @@ def test_a_bad_sample_argument_is_one_line_naming_its_flag(out, flag, data):
     stream=st.booleans(),
 )
 def test_good_sample_arguments_sample(checkpoints, n, seed, temperature, top_k, length, stream):
-    argv = ["sample", "--out", checkpoints / ("stream" if stream else "lines"), "-n", n, "--seed", seed, "--temperature", repr(temperature), "--length", length]
+    argv = [
+        "sample",
+        "--out",
+        checkpoints / ("stream" if stream else "lines"),
+        "-n",
+        n,
+        "--seed",
+        seed,
+        "--temperature",
+        repr(temperature),
+        "--length",
+        length,
+    ]
     if top_k is not None:
         argv += ["--top-k", top_k]
     printed, err = io.StringIO(), io.StringIO()
@@ -436,7 +498,10 @@ def test_sample_prints_as_many_names_as_asked(checkpoints):
     """At a high temperature the bigram often ends a name at once; those empty draws must be replaced."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert cli.main(["sample", "--out", str(checkpoints / "lines"), "-n", "8", "--seed", "1", "--temperature", "6"]) == 0
+        assert (
+            cli.main(["sample", "--out", str(checkpoints / "lines"), "-n", "8", "--seed", "1", "--temperature", "6"])
+            == 0
+        )
     assert len(printed.getvalue().splitlines()) == 8
 
 
@@ -456,6 +521,10 @@ def test_good_eval_max_tokens(checkpoints, max_tokens, expected_splits):
 
 @pytest.mark.parametrize("command", ["sample", "eval"])
 def test_sample_and_eval_need_a_run_directory(tmp_path, checkpoints, command):
-    assert "no checkpoint here; train one first" in assert_refused(command, "--out", ["--out", tmp_path])  # names it: "--out DIR"
-    assert "is a file; pass the training run's directory" in assert_refused(command, "--out", ["--out", checkpoints / "lines" / "ckpt.pt"])
+    assert "no checkpoint here; train one first" in assert_refused(
+        command, "--out", ["--out", tmp_path]
+    )  # names it: "--out DIR"
+    assert "is a file; pass the training run's directory" in assert_refused(
+        command, "--out", ["--out", checkpoints / "lines" / "ckpt.pt"]
+    )
     assert_refused(command, "--out", [])  # required

@@ -64,7 +64,9 @@ def _layout(shape: list[int], op: str, draw) -> tuple[list[int], object, str]:
         index = (slice(None),) * dim + (slice(None, None, step),)
         return base, lambda t: t[index], f"every {step}th along dim {dim}"
     if op == "expand" and len(shape) >= 2:
-        dim = draw(st.sampled_from([d for d in wide if d < len(shape) - 1] or list(range(len(shape) - 1))))  # rows that share their logits
+        dim = draw(
+            st.sampled_from([d for d in wide if d < len(shape) - 1] or list(range(len(shape) - 1)))
+        )  # rows that share their logits
         base[dim] = 1
         return base, lambda t: t.expand(*shape), f"expand dim {dim}"
     base[dim] = shape[dim] + 1  # offset: the storage starts one element in (unaligned rows for Triton)
@@ -82,7 +84,13 @@ def cases(draw, *, max_rows: int, max_v: int = 300, inplace: bool = True, dtypes
     # Layouts stack: the first drawn is the outermost view. Expanded logits cannot take an in-place
     # gradient (test_inplace_grad_refuses_logits_that_share_memory).
     n_views = draw(st.sampled_from([0, 1, 2]))
-    for op in draw(st.lists(st.sampled_from([op for op in LAYOUTS if not (inplace_grad and op == "expand")]), min_size=n_views, max_size=n_views)):
+    for op in draw(
+        st.lists(
+            st.sampled_from([op for op in LAYOUTS if not (inplace_grad and op == "expand")]),
+            min_size=n_views,
+            max_size=n_views,
+        )
+    ):
         shape, view, text = _layout(shape, op, draw)
         views.append(view)
         described.append(text)
@@ -126,7 +134,9 @@ def check_case(case, backend: str) -> None:
             base.view(-1)[index % base.numel()] = value
     base = base.to(DEVICE, case["dtype"])
     target = _targets(case, gen)
-    kwargs = dict(reduction=case["reduction"], label_smoothing=case["label_smoothing"], ignore_index=case["ignore_index"])
+    kwargs = dict(
+        reduction=case["reduction"], label_smoothing=case["label_smoothing"], ignore_index=case["ignore_index"]
+    )
 
     def logits_of(x):
         for view in case["views"]:
@@ -138,7 +148,10 @@ def check_case(case, backend: str) -> None:
     assert list(logits.shape) == [*case["lead"], case["v"]]
     # Shown by pytest --hypothesis-show-statistics: how much of the space the examples cover.
     event("logits: " + ("empty" if not logits.numel() else "contiguous" if logits.is_contiguous() else "strided"))
-    event(f"{str(case['dtype'])[6:]}, {case['reduction']}, ignore {case['ignore']}" + (", in place" if case["inplace_grad"] else ""))
+    event(
+        f"{str(case['dtype'])[6:]}, {case['reduction']}, ignore {case['ignore']}"
+        + (", in place" if case["inplace_grad"] else "")
+    )
     loss = cross_entropy(logits, target, backend=backend, inplace_grad=case["inplace_grad"], **kwargs)
 
     x_ref = base.double().requires_grad_()
@@ -157,7 +170,9 @@ def check_case(case, backend: str) -> None:
     rtol, atol = TOLERANCE[case["dtype"]]
     torch.testing.assert_close(loss.double(), ref.to(case["dtype"]).double(), rtol=rtol, atol=atol, equal_nan=True)
     expected = x_ref.grad.to(case["dtype"]).double()
-    grad_atol = atol + rtol * expected.nan_to_num(0.0, posinf=0.0, neginf=0.0).abs().max().item() if expected.numel() else atol
+    grad_atol = (
+        atol + rtol * expected.nan_to_num(0.0, posinf=0.0, neginf=0.0).abs().max().item() if expected.numel() else atol
+    )
     assert x.grad.dtype == case["dtype"]
     torch.testing.assert_close(x.grad.double(), expected, rtol=rtol, atol=grad_atol, equal_nan=True)
 
@@ -194,7 +209,9 @@ def test_fuzz_auto_hands_f_cross_entropy_the_rows(case):
         calls.append((rows, row_targets, kwargs))
         return F.cross_entropy(rows, row_targets, **kwargs)
 
-    kwargs = dict(reduction=case["reduction"], label_smoothing=case["label_smoothing"], ignore_index=case["ignore_index"])
+    kwargs = dict(
+        reduction=case["reduction"], label_smoothing=case["label_smoothing"], ignore_index=case["ignore_index"]
+    )
     with mock.patch.object(xent, "F", SimpleNamespace(cross_entropy=spy)):
         out = cross_entropy(x, target, backend="auto", **kwargs)
     assert len(calls) == 1, "auto did not take F.cross_entropy at this size"
@@ -226,7 +243,11 @@ def test_fuzz_out_of_range_target_names_its_position(backend, lead, v, bad, targ
     if DEVICE == "cuda":
         pytest.skip("on CUDA a bad target is a device-side assert (test_cross_entropy.py)")
     position = tuple(data.draw(st.integers(0, n - 1)) for n in lead)
-    value = {"negative": data.draw(st.integers(-(2**31), -1).filter(lambda t: t != -100)), "too_large": data.draw(st.integers(v, v + 5)), "huge": 2**31 - 1}[bad]
+    value = {
+        "negative": data.draw(st.integers(-(2**31), -1).filter(lambda t: t != -100)),
+        "too_large": data.draw(st.integers(v, v + 5)),
+        "huge": 2**31 - 1,
+    }[bad]
     gen = torch.Generator().manual_seed(len(lead) * 1000 + v)
     logits = torch.randn(*lead, v, generator=gen, requires_grad=True)
     target = torch.randint(0, v, lead, generator=gen)
@@ -257,18 +278,36 @@ def test_fuzz_bad_arguments_are_one_clear_error(backend, lead, v, change, data):
         # are F.cross_entropy's (N, C, d1) layout, the mistake classes-last guards against.
         shapes = [[*lead, v], lead[:-1], [*lead[:-1], (lead[-1] if lead else 0) + 1]]
         shape = data.draw(st.sampled_from([s for s in shapes if list(s) != list(lead)]))
-        target, error, message = torch.zeros(shape, dtype=torch.long, device=DEVICE), ValueError, r"target shape .* must equal the logits' shape without the class dimension"
+        target, error, message = (
+            torch.zeros(shape, dtype=torch.long, device=DEVICE),
+            ValueError,
+            r"target shape .* must equal the logits' shape without the class dimension",
+        )
     elif change == "target_dtype":
-        dtype = data.draw(st.sampled_from([torch.int8, torch.int16, torch.uint8, torch.bool, torch.float32, torch.float64]))
+        dtype = data.draw(
+            st.sampled_from([torch.int8, torch.int16, torch.uint8, torch.bool, torch.float32, torch.float64])
+        )
         target, error, message = target.to(dtype), ValueError, r"target must be int64 or int32 class indices"
     elif change == "logits_dtype":
         dtype = data.draw(st.sampled_from([torch.int64, torch.int32, torch.bool, torch.complex64]))
-        logits, error, message = logits.to(dtype), ValueError, r"logits must be a floating tensor of shape \(\.\.\., V\)"
+        logits, error, message = (
+            logits.to(dtype),
+            ValueError,
+            r"logits must be a floating tensor of shape \(\.\.\., V\)",
+        )
     elif change == "no_classes":
-        logits, error, message = torch.zeros(*lead, 0, device=DEVICE), ValueError, r"logits must have at least one class"
+        logits, error, message = (
+            torch.zeros(*lead, 0, device=DEVICE),
+            ValueError,
+            r"logits must have at least one class",
+        )
         target.fill_(-100)  # all ignored: F.cross_entropy's nan, a 0 / 0 over no classes
     else:
-        target, error, message = target.tolist(), TypeError, r"logits and target must be tensors, got Tensor and (list|int)"
+        target, error, message = (
+            target.tolist(),
+            TypeError,
+            r"logits and target must be tensors, got Tensor and (list|int)",
+        )
     with pytest.raises(error, match=message):
         cross_entropy(logits, target, backend=backend)
 
@@ -288,7 +327,10 @@ def test_inplace_grad_refuses_logits_that_share_memory(backend, shape, expanded,
     logits = (x * 1).expand(expanded)
     target = torch.randint(0, 27, expanded[:-1], device=DEVICE)
     if refused:
-        with pytest.raises(ValueError, match="inplace_grad=True writes the gradient over the logits, but some of their elements share memory"):
+        with pytest.raises(
+            ValueError,
+            match="inplace_grad=True writes the gradient over the logits, but some of their elements share memory",
+        ):
             cross_entropy(logits, target, inplace_grad=True, backend=backend)
         return
     cross_entropy(logits, target, inplace_grad=True, backend=backend).backward()

@@ -103,7 +103,15 @@ def test_any_bytes_load_as_the_whole_file_reads_or_fail_in_one_line(workdir, raw
     assert not {"\r", "\n"} & set(lines.vocab.chars)
 
 
-lines_of_text = st.lists(st.text(alphabet=st.sampled_from("ab é😀\t\x85") | st.characters(blacklist_characters="\r\n.\0", blacklist_categories=("Cs",)), max_size=12), min_size=1, max_size=30)
+lines_of_text = st.lists(
+    st.text(
+        alphabet=st.sampled_from("ab é😀\t\x85")
+        | st.characters(blacklist_characters="\r\n.\0", blacklist_categories=("Cs",)),
+        max_size=12,
+    ),
+    min_size=1,
+    max_size=30,
+)
 
 
 @fuzz
@@ -116,7 +124,9 @@ def test_line_ends_and_a_utf8_bom_change_nothing(workdir, lines, ends, bom, fina
     plain = "\n".join(lines) + ("\n" if final_end else "")
     with mock.patch.object(text, "READ_CHUNK", piece):
         reference = outcome(lambda: data.read_lines(write(workdir, plain.encode(), "lf.txt")))
-        other = outcome(lambda: data.read_lines(write(workdir, (codecs.BOM_UTF8 if bom else b"") + mixed.encode(), "mixed.txt")))
+        other = outcome(
+            lambda: data.read_lines(write(workdir, (codecs.BOM_UTF8 if bom else b"") + mixed.encode(), "mixed.txt"))
+        )
         assert (reference[0], type(reference[1])) == (other[0], type(other[1]))
         if reference[0]:
             assert data.read_text(workdir / "lf.txt") == data.read_text(workdir / "mixed.txt")
@@ -129,7 +139,11 @@ def test_line_ends_and_a_utf8_bom_change_nothing(workdir, lines, ends, bom, fina
 @given(texts, st.sampled_from(["utf-16", "utf-16-le", "utf-16-be", "utf-32"]))
 def test_utf16_and_utf32_fail_in_one_line(workdir, content, encoding):
     path = write(workdir, content.encode(encoding))
-    for call in (lambda: data.read_text(path), lambda: data.load_source(str(path), "lines"), lambda: data.load_source(str(path), "stream")):
+    for call in (
+        lambda: data.read_text(path),
+        lambda: data.load_source(str(path), "lines"),
+        lambda: data.load_source(str(path), "stream"),
+    ):
         _, error = outcome(call)
         assert error is not None or content.encode(encoding) == content.encode("utf-8")  # empty text encodes to nothing
         if error and encoding in ("utf-16", "utf-32"):  # with a byte-order mark: named as such
@@ -143,7 +157,11 @@ def test_a_utf8_bom_is_dropped_and_a_bom_inside_the_text_kept(workdir):
 
 
 @fuzz
-@given(st.lists(st.text(alphabet="abcxyz", min_size=1, max_size=8), min_size=1, max_size=20), st.text(alphabet="abcdefxyz\n. é", max_size=80), PIECES)
+@given(
+    st.lists(st.text(alphabet="abcxyz", min_size=1, max_size=8), min_size=1, max_size=20),
+    st.text(alphabet="abcdefxyz\n. é", max_size=80),
+    PIECES,
+)
 def test_characters_outside_a_trained_vocabulary(workdir, trained, content, piece):
     """Loading new data with a model's vocabulary: it loads and round-trips, or one error names the first bad line."""
     vocab = Vocab.for_lines(trained)
@@ -164,7 +182,9 @@ def test_characters_outside_a_trained_vocabulary(workdir, trained, content, piec
         assert f"input.txt:{stream_bad}: character " in str(stream_error)
     dotted = next((i + 1 for i, line in enumerate(lines) if "." in line), None)
     if bad_line is not None and (dotted is None or bad_line < dotted):  # on one line, the '.' is named first
-        assert f"input.txt:{bad_line}: character " in str(lines_error) and "is not in the model's vocabulary" in str(lines_error)
+        assert f"input.txt:{bad_line}: character " in str(lines_error) and "is not in the model's vocabulary" in str(
+            lines_error
+        )
     elif dotted is not None:
         assert f"input.txt:{dotted}: " in str(lines_error) and "contains '.'" in str(lines_error)
     elif lines_error is None:
@@ -178,11 +198,16 @@ def test_very_long_lines_load_and_evaluate_in_bounded_batches(workdir, kind):
     path = write(workdir, f"anna\nbob\n{long}\ncarl\ndora\nemil\nfred\ngus\nhal\nivy\n".encode())
     source = data.load_source(str(path), kind)
     if kind == "lines":
-        assert source.max_len == len(long) and sum(map(len, source.items("train") + source.items("val") + source.items("test"))) > len(long)
+        assert source.max_len == len(long) and sum(
+            map(len, source.items("train") + source.items("val") + source.items("test"))
+        ) > len(long)
     for split in source.splits:
         for batch in source.eval_batches(split, 8, batch_tokens=4096, max_tokens=10**9):
             assert batch.targets.numel() <= 4096 or len(batch.idx) == 1  # one row may be as long as its item
-            assert batch.targets.shape == (batch.idx.shape[0], batch.idx.shape[1] - 7) and (batch.targets != IGNORE_INDEX).any()
+            assert (
+                batch.targets.shape == (batch.idx.shape[0], batch.idx.shape[1] - 7)
+                and (batch.targets != IGNORE_INDEX).any()
+            )
     g = torch.Generator().manual_seed(0)
     assert source.batch("train", 4, "windows", 8, g).idx.shape == (4, 8)
 
@@ -198,5 +223,8 @@ def test_a_file_that_changes_between_the_two_readings(workdir):
             path.write_bytes(b"anna\nbobby\ncarl\n")
         return real(p, vocab)
 
-    with mock.patch.object(data.batches, "line_pieces", changing), pytest.raises(DataError, match="input.txt: the file changed while it was read"):
+    with (
+        mock.patch.object(data.batches, "line_pieces", changing),
+        pytest.raises(DataError, match="input.txt: the file changed while it was read"),
+    ):
         data.load_source(str(path))

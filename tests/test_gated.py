@@ -26,7 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make(n_levels, stacks, seed=0, vocab_size=11, **kw) -> GatedWaveNet:
     torch.manual_seed(seed)
-    config = GatedWaveNetConfig(vocab_size, **{"n_embd": 6, "n_hidden": 5, "n_skip": 7, **kw}, n_levels=n_levels, stacks=stacks)
+    config = GatedWaveNetConfig(
+        vocab_size, **{"n_embd": 6, "n_hidden": 5, "n_skip": 7, **kw}, n_levels=n_levels, stacks=stacks
+    )
     model = GatedWaveNet(config)
     with torch.no_grad():  # away from init: non-zero biases everywhere, so that no term can hide
         for p in model.parameters():
@@ -44,7 +46,13 @@ def test_every_order_is_the_reference(case, dtype, device):
 
 
 @settings(max_examples=30, deadline=None)
-@given(n_levels=st.integers(1, 5), stacks=st.integers(1, 3), T=st.integers(1, 12), N=st.integers(1, 3), seed=st.integers(0, 2**16))
+@given(
+    n_levels=st.integers(1, 5),
+    stacks=st.integers(1, 3),
+    T=st.integers(1, 12),
+    N=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
 def test_any_shape_is_the_reference(n_levels, stacks, T, N, seed):
     assert_orders_match_reference(make(n_levels, stacks, seed=seed), N, T, torch.float64, "cpu", seed=seed)
 
@@ -72,7 +80,10 @@ def test_cached_and_rerun_generation_give_the_same_tokens(T0):
     with torch.no_grad():
         model.lm_head.weight *= 10  # sharp distributions: sampling is then a strict check
     idx = torch.randint(1, 11, (4, T0))
-    outs = [model.generate(idx, 50, temperature=0.9, generator=torch.Generator().manual_seed(7), cached=cached) for cached in (False, True)]
+    outs = [
+        model.generate(idx, 50, temperature=0.9, generator=torch.Generator().manual_seed(7), cached=cached)
+        for cached in (False, True)
+    ]
     assert outs[0].shape == (4, T0 + 50) and torch.equal(outs[0][:, :T0], idx)
     assert torch.equal(outs[0], outs[1])
 
@@ -100,7 +111,9 @@ def test_hand_written_backward_is_the_gradient(p, residual):
     from makemore.models.gated import _DilatedGated
 
     gen = torch.Generator().manual_seed(0)
-    x, W, b = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True) for shape in ((13, 4), (8, 6), (6,)))
+    x, W, b = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True) for shape in ((13, 4), (8, 6), (6,))
+    )
     W_res = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True) if residual else None
 
     def layer(x, W, b, W_res):

@@ -15,8 +15,6 @@ from makemore.models import (
 from makemore.models.base import CUDAGraphed, sample_next
 
 
-
-
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -200,7 +198,9 @@ def test_sampling_draws_from_the_softmax(temperature, top_k):
     race's argmax of p * q instead of p / q, the noise scaled by a half)."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, float("-inf")])  # the last one: probability 0
     n = 100_000
-    tokens = sample_next(logits.expand(n, -1), temperature=temperature, top_k=top_k, generator=torch.Generator().manual_seed(0))
+    tokens = sample_next(
+        logits.expand(n, -1), temperature=temperature, top_k=top_k, generator=torch.Generator().manual_seed(0)
+    )
     assert tokens.shape == (n,) and tokens.dtype == torch.int64
     kept = torch.arange(len(logits)) < (top_k or 6)  # logits are sorted: the top k come first
     expected = n * torch.softmax((logits / temperature).masked_fill(~kept, float("-inf")), -1).double()
@@ -219,7 +219,11 @@ def test_sampling_is_the_generators():
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: WaveNet(WaveNetConfig(27, 8, 6, 10)), lambda: GatedWaveNet(GatedWaveNetConfig(27, 6, 5, 7, n_levels=3)), lambda: MLP(MLPConfig(27, 3, 10, 20))],
+    [
+        lambda: WaveNet(WaveNetConfig(27, 8, 6, 10)),
+        lambda: GatedWaveNet(GatedWaveNetConfig(27, 6, 5, 7, n_levels=3)),
+        lambda: MLP(MLPConfig(27, 3, 10, 20)),
+    ],
     ids=["wavenet", "gated", "mlp"],
 )
 def test_generate_is_the_plain_loop(make):
@@ -244,7 +248,15 @@ def test_cuda_graph_generation_gives_the_loops_tokens(device, cached):
     model = GatedWaveNet(GatedWaveNetConfig(27, 16, 16, 16, n_levels=4)).to(device).eval()
     idx = torch.randint(1, 27, (5, 3), device=device)
     outs = [
-        model.generate(idx, 40, temperature=0.9, top_k=10, generator=torch.Generator(device).manual_seed(7), cached=cached, cuda_graph=graph)
+        model.generate(
+            idx,
+            40,
+            temperature=0.9,
+            top_k=10,
+            generator=torch.Generator(device).manual_seed(7),
+            cached=cached,
+            cuda_graph=graph,
+        )
         for graph in (False, True)
     ]
     assert torch.equal(outs[0], outs[1])
@@ -280,7 +292,18 @@ def test_cuda_graphed_runs_once_eagerly_then_captures_then_replays(monkeypatch):
     graphed = CUDAGraphed(lambda: events.append("run"), generator)
     for _ in range(3):
         graphed()
-    assert events == ["wait", "on side stream", "run", ("register", generator), "capture", "run", "end", "wait", "replay", "replay"]
+    assert events == [
+        "wait",
+        "on side stream",
+        "run",
+        ("register", generator),
+        "capture",
+        "run",
+        "end",
+        "wait",
+        "replay",
+        "replay",
+    ]
 
 
 def test_generate_nothing_returns_the_context():
@@ -297,7 +320,9 @@ def test_generate_top_k_1_is_greedy():
     assert torch.equal(out[:, -1], model(idx)[0][:, -1].argmax(-1))
 
 
-@pytest.mark.parametrize("kwargs, message", [({"temperature": 0.0}, "temperature must be > 0"), ({"top_k": 0}, "top_k must be >= 1")])
+@pytest.mark.parametrize(
+    "kwargs, message", [({"temperature": 0.0}, "temperature must be > 0"), ({"top_k": 0}, "top_k must be >= 1")]
+)
 def test_generate_rejects_bad_sampling_options(kwargs, message):
     model = MLP(MLPConfig()).eval()
     with pytest.raises(ValueError, match=message):

@@ -88,7 +88,9 @@ def test_the_optimiser_step_compiles_but_for_torchs_own_breaks():
     torch.compile(lambda: optimizers[0].step(), backend=BACKEND)()
     optimizers[1].step()
     assert counters["stats"]["unique_graphs"] >= 1  # the update itself was traced
-    assert all("User-inserted graph break" in reason for reason in counters["graph_break"]), dict(counters["graph_break"])
+    assert all("User-inserted graph break" in reason for reason in counters["graph_break"]), dict(
+        counters["graph_break"]
+    )
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q)
 

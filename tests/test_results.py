@@ -36,7 +36,9 @@ def repo(tmp_path: Path, records: dict) -> Path:
         {"recipe": "shakespeare-3m", "model": "gated", "R": 1024, "params": 600000, "steps": 900, "train_seconds": 180.0, "train": 1.4, "val": 1.55561, "val_targets": 100000},
     ], "speed": []}  # fmt: skip
     (root / "docs/scaling/scaling.json").write_text(json.dumps(scaling))
-    (root / "docs/benchmarks/results.json").write_text(json.dumps({"date": f"{DAY[26]}T10:00:00+00:00", "device": "CPU", "command": "python -m bench --budget 480"}))
+    (root / "docs/benchmarks/results.json").write_text(
+        json.dumps({"date": f"{DAY[26]}T10:00:00+00:00", "device": "CPU", "command": "python -m bench --budget 480"})
+    )
     (root / "README.md").write_text(f"# project\n\nintro\n\n{BEGIN}\n| stale | table |\n{END}\n\n## after\n")
     return root
 
@@ -55,7 +57,9 @@ def test_the_table_holds_every_record_race_and_study_row_and_check_catches_a_sta
 
     assert results.main(["--root", str(root), "--runs", str(tmp_path / "no-runs")]) == 0
     readme = (root / "README.md").read_text()
-    assert readme.startswith("# project\n\nintro\n\n") and readme.endswith(f"{END}\n\n## after\n")  # only the block changed
+    assert readme.startswith("# project\n\nintro\n\n") and readme.endswith(
+        f"{END}\n\n## after\n"
+    )  # only the block changed
     rows = [line for line in block(readme).splitlines() if line.startswith("| `")]
     assert rows == [
         "| `fast` | wavenet | 76,579 | 600 | 10 s | 1.9900 | **2.036–2.064** last | 2.0501 | cpu, float32 "
@@ -86,7 +90,9 @@ def test_a_finished_recipe_run_replaces_its_record_and_other_runs_are_skipped(tm
     root = repo(tmp_path, {"bigram": {"recipe": "bigram", "val": 9.0, "command": "makemore train --recipe bigram"}})
     runs, other = tmp_path / "runs", tmp_path / "other"
     assert makemore(["train", "--recipe", "bigram", "--out", str(runs / "bigram")]) == 0
-    assert makemore(["train", "--recipe", "bigram", "--seed", "3", "--out", str(other / "bigram")]) == 0  # not the recipe's run
+    assert (
+        makemore(["train", "--recipe", "bigram", "--seed", "3", "--out", str(other / "bigram")]) == 0
+    )  # not the recipe's run
     assert makemore(["train", "--recipe", "bigram", "--out", str(other / "mine")]) == 0  # not named after a recipe
     final = json.loads((runs / "bigram/metrics.jsonl").read_text().splitlines()[-1])["final"]
     capsys.readouterr()
@@ -96,7 +102,12 @@ def test_a_finished_recipe_run_replaces_its_record_and_other_runs_are_skipped(tm
     assert "trained with --seed other than the recipe bigram's" in said and "mine: not named after a recipe" in said
     record = json.loads((root / results.RUNS_JSON).read_text())["records"]["bigram"]
     assert record["best_val"] is None  # no --eval-interval: no best checkpoint
-    assert (record["val"], record["test"], record["model"], record["steps"]) == (final["val"], final["test"], "ngram", 0)
+    assert (record["val"], record["test"], record["model"], record["steps"]) == (
+        final["val"],
+        final["test"],
+        "ngram",
+        0,
+    )
     assert record["command"] == f"makemore train --recipe bigram --out {runs / 'bigram'}" and record["device"] == "cpu"
     assert f"| **{final['val']:.4f}** last |" in block((root / "README.md").read_text())
 

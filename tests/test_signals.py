@@ -47,7 +47,9 @@ def test_a_signal_checkpoints_and_the_run_resumes_to_the_uninterrupted_one(tmp_p
     if signum == signal.SIGINT:
         return  # the same path as SIGTERM from here on: one resume comparison suffices
     steps = stopped + 30  # the resumed run crosses a log line and a checkpoint interval
-    assert main(["train", *map(str, REPORTING), "--out", str(out), "--resume", "--max-steps", str(steps)]) == 0  # in this process: faster
+    assert (
+        main(["train", *map(str, REPORTING), "--out", str(out), "--resume", "--max-steps", str(steps)]) == 0
+    )  # in this process: faster
     reference = tmp_path / "reference"
     assert main(["train", *map(str, TINY + REPORTING), "--out", str(reference), "--max-steps", str(steps)]) == 0
     assert_same_run(out, reference)
@@ -72,11 +74,16 @@ def test_a_second_signal_exits_at_once_and_keeps_the_last_checkpoint_whole(tmp_p
     wait_for(lambda: (tmp_path / "writing").exists(), process, "the second checkpoint's write")
     assert temporaries(out), "the write in progress has its temporary file"
     process.send_signal(signal.SIGTERM)
-    time.sleep(1.0)  # (signals within signals.BURST = 0.5 s of the first count as one: one Ctrl-C under torchrun arrives twice)
+    time.sleep(
+        1.0
+    )  # (signals within signals.BURST = 0.5 s of the first count as one: one Ctrl-C under torchrun arrives twice)
     assert process.poll() is None, "the first signal waits for the step and its checkpoint"
     process.send_signal(signal.SIGTERM)
     returncode, err = finish(process)  # at once: well inside the 600 s sleep
     assert returncode == 143, err
-    assert f"stopped at once by a second SIGTERM; {out / CHECKPOINT} keeps the last checkpoint" in err and "Traceback" not in err
+    assert (
+        f"stopped at once by a second SIGTERM; {out / CHECKPOINT} keeps the last checkpoint" in err
+        and "Traceback" not in err
+    )
     assert loads(out / CHECKPOINT) and checkpoint.load(out / CHECKPOINT)["step"] == 20
     assert not temporaries(out) and not (out / LOCK).exists()

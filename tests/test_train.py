@@ -46,7 +46,12 @@ def test_lecture_recipe_is_the_lectures_notebook_step_for_step(tmp_path, names, 
 
 def test_the_lecture_schedule_decays_at_step_150000():
     config, _ = make_configs(RECIPES["lecture"])
-    assert [learning_rate(config, s / config.max_steps) for s in (0, 149_999, 150_000, 199_999)] == [0.1, 0.1, 0.01, 0.01]
+    assert [learning_rate(config, s / config.max_steps) for s in (0, 149_999, 150_000, 199_999)] == [
+        0.1,
+        0.1,
+        0.01,
+        0.01,
+    ]
 
 
 def test_cosine_warms_up_then_decays_to_the_floor():
@@ -89,7 +94,9 @@ def test_resume_continues_exactly(tmp_path, settings):
     assert torch.equal(a["generator"], b["generator"])
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    steps = [json.loads(line)["step"] for line in (split / METRICS).read_text().splitlines() if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"] for line in (split / METRICS).read_text().splitlines() if "loss" in json.loads(line)
+    ]
     assert steps == [50, 100, 150, 200]
 
 
@@ -97,7 +104,15 @@ def test_a_time_budget_stops_training_at_the_first_step_that_reaches_it(tmp_path
     """A fake training clock that advances 0.25 s per step: a 1 s budget is 4 steps, and the cosine schedule follows it."""
     ticks = iter(range(10**6))
     monkeypatch.setattr(loop, "clock", lambda: 0.25 * next(ticks))  # read at each step's start and end: 0.25 s a step
-    settings = dict(max_steps=10**6, max_seconds=1.0, schedule="cosine", optimizer="adamw", lr=1e-2, log_interval=1, eval_max_tokens=1000)
+    settings = dict(
+        max_steps=10**6,
+        max_seconds=1.0,
+        schedule="cosine",
+        optimizer="adamw",
+        lr=1e-2,
+        log_interval=1,
+        eval_max_tokens=1000,
+    )
     config, model_config, out = quick(tmp_path, **settings)
     train(config, model_config, out, progress=False)
     state = checkpoint.load(out / CHECKPOINT)
@@ -113,7 +128,10 @@ def loop_batches(config, model_config, steps: int):
     model = build_model(config.model, replace(model_config, vocab_size=len(source.vocab)))
     generator = torch.Generator().set_state(torch.get_rng_state())
     batches = [
-        [source.batch("train", config.batch_size, config.layout, model.receptive_field, generator) for _ in range(config.grad_accum)]
+        [
+            source.batch("train", config.batch_size, config.layout, model.receptive_field, generator)
+            for _ in range(config.grad_accum)
+        ]
         for _ in range(steps)
     ]
     return model, batches
@@ -176,7 +194,19 @@ def test_gradient_clipping_equals_clip_grad_norm_of_the_accumulated_gradient(tmp
 def test_a_small_recipe_really_compiles_on_the_cpu(tmp_path, capfd):
     """--compile through torch.compile (inductor, C++ on the CPU), no mock: it trains and says nothing of falling back.
     The compiled steps match eager ones to float32 rounding (inductor fuses and reorders)."""
-    settings = dict(model="gated", n_embd=8, n_hidden=8, n_skip=8, n_levels=2, batch_size=16, max_steps=5, optimizer="adamw", lr=1e-2, decay_at=1.0, eval_max_tokens=1000)
+    settings = dict(
+        model="gated",
+        n_embd=8,
+        n_hidden=8,
+        n_skip=8,
+        n_levels=2,
+        batch_size=16,
+        max_steps=5,
+        optimizer="adamw",
+        lr=1e-2,
+        decay_at=1.0,
+        eval_max_tokens=1000,
+    )
     config, model_config, out = quick(tmp_path, **settings, compile=True)
     train(config, model_config, out, progress=False)
     assert "--compile failed" not in capfd.readouterr().err
@@ -190,19 +220,38 @@ def test_a_small_recipe_really_compiles_on_the_cpu(tmp_path, capfd):
 
 def test_the_device_and_dtype_a_run_used_are_recorded(tmp_path):
     """bfloat16 training runs (autocast, float32 master weights) and says so in metrics.jsonl and the checkpoint."""
-    config, model_config, out = quick(tmp_path, model="gated", n_embd=8, n_hidden=8, n_skip=8, n_levels=2, max_steps=50, optimizer="adamw", lr=1e-2, dtype="bfloat16", eval_max_tokens=1000)
+    config, model_config, out = quick(
+        tmp_path,
+        model="gated",
+        n_embd=8,
+        n_hidden=8,
+        n_skip=8,
+        n_levels=2,
+        max_steps=50,
+        optimizer="adamw",
+        lr=1e-2,
+        dtype="bfloat16",
+        eval_max_tokens=1000,
+    )
     result = train(config, model_config, out, progress=False)
     state = checkpoint.load(out / CHECKPOINT)
     assert (state["device"], state["dtype"], state["world_size"]) == ("cpu", "bfloat16", 1)
     assert all(v.dtype == torch.float32 for v in state["model"].values())
-    assert json.loads((out / METRICS).read_text().splitlines()[0]) == {"step": 0, "run": {"device": "cpu", "dtype": "bfloat16", "world_size": 1}}
+    assert json.loads((out / METRICS).read_text().splitlines()[0]) == {
+        "step": 0,
+        "run": {"device": "cpu", "dtype": "bfloat16", "world_size": 1},
+    }
     assert result["val"] < 3.0  # ln 27 = 3.30: it learned
 
 
 def test_auto_picks_the_gpu_and_bf16_where_the_hardware_has_them(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda", 1)
-    for flags, expected in (({"avx512_bf16", "avx512f"}, torch.bfloat16), ({"amx_bf16"}, torch.bfloat16), ({"avx2", "avx512f"}, torch.float32)):
+    for flags, expected in (
+        ({"avx512_bf16", "avx512f"}, torch.bfloat16),
+        ({"amx_bf16"}, torch.bfloat16),
+        ({"avx2", "avx512f"}, torch.float32),
+    ):
         monkeypatch.setattr(device_module, "cpu_flags", lambda flags=flags: flags)
         assert resolve_dtype("auto", torch.device("cpu")) == expected
         assert resolve_dtype("float32", torch.device("cpu")) == torch.float32  # a dtype named is kept
@@ -221,7 +270,15 @@ def test_auto_picks_the_gpu_and_bf16_where_the_hardware_has_them(monkeypatch):
         dict(max_steps=300, layout="sequences", batch_size=8, optimizer="adamw", lr=1e-2, fused=True),
         dict(max_steps=300, order="windows", grad_accum=2, grad_clip=1.0, optimizer="adamw", lr=1e-2),
     ],
-    ids=["bigram", "trigram", "bigram-nn", "mlp", "mlp-sequences", "wavenet-sequences-fused", "wavenet-windows-accum-clip"],
+    ids=[
+        "bigram",
+        "trigram",
+        "bigram-nn",
+        "mlp",
+        "mlp-sequences",
+        "wavenet-sequences-fused",
+        "wavenet-windows-accum-clip",
+    ],
 )
 def test_every_model_and_layout_trains_and_evaluates(tmp_path, settings):
     config, model_config, out = quick(tmp_path, **settings)
@@ -260,7 +317,15 @@ def test_shakespeare_recipes_train_the_gated_model_on_long_sequences(tmp_path, r
     """Each recipe as written, shrunk in its time budget and depth; the text's final 10% is the val split."""
     path = tmp_path / "stream.txt"
     path.write_text("the quick brown fox. jumps over the lazy dog.\n" * 400)
-    settings = {**RECIPES[recipe], "data": str(path), "kind": "stream", "n_levels": 4, "seq_len": 256, "max_seconds": 0.0, "max_steps": 60}
+    settings = {
+        **RECIPES[recipe],
+        "data": str(path),
+        "kind": "stream",
+        "n_levels": 4,
+        "seq_len": 256,
+        "max_seconds": 0.0,
+        "max_steps": 60,
+    }
     config, model_config, out = quick(tmp_path, **settings)
     assert (config.model, config.layout, config.optimizer) == ("gated", "sequences", "adamw")
     result = train(config, model_config, out, progress=False)
@@ -288,7 +353,16 @@ def test_checkpoints_are_also_written_by_wall_clock(tmp_path, monkeypatch):
     saved = []
     real_save = checkpoint.save
     monkeypatch.setattr(checkpoint, "save", lambda state, path: (saved.append(state["step"]), real_save(state, path)))
-    settings = dict(model="gated", n_embd=8, n_hidden=8, n_skip=8, n_levels=2, max_steps=10, checkpoint_seconds=2.5, eval_max_tokens=1000)
+    settings = dict(
+        model="gated",
+        n_embd=8,
+        n_hidden=8,
+        n_skip=8,
+        n_levels=2,
+        max_steps=10,
+        checkpoint_seconds=2.5,
+        eval_max_tokens=1000,
+    )
     config, model_config, out = quick(tmp_path, **settings, checkpoint_interval=10**6)
     train(config, model_config, out, progress=False)
     assert saved == [3, 6, 9, 10]

@@ -28,7 +28,9 @@ CASES = [(1, 1, 2, 5), (3, 4, 2, 7), (10, 3, 3, 40), (64, 4, 2, 70), (200, 2, 2,
 
 def make(block_size, n_layer, seed=0, vocab_size=11, **kw) -> Transformer:
     torch.manual_seed(seed)
-    config = TransformerConfig(vocab_size, block_size=block_size, n_layer=n_layer, **{"n_head": 2, "n_embd": 8, "tie_weights": False, **kw})
+    config = TransformerConfig(
+        vocab_size, block_size=block_size, n_layer=n_layer, **{"n_head": 2, "n_embd": 8, "tie_weights": False, **kw}
+    )
     model = Transformer(config)
     with torch.no_grad():  # away from init (N(0, 0.02)): unit-scale logits and gains, so that no term can hide
         for name, p in model.named_parameters():
@@ -75,7 +77,9 @@ def test_forward_windows_and_cache_are_the_reference(case, device):
     assert model.receptive_field == R and sum(w - 1 for w in model.config.windows) == R - 1
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 11, (N, R - 1 + T), generator=gen)
-    targets = torch.randint(0, 11, (N, T), generator=gen).masked_fill(torch.rand(N, T, generator=gen) < 0.3, IGNORE_INDEX)
+    targets = torch.randint(0, 11, (N, T), generator=gen).masked_fill(
+        torch.rand(N, T, generator=gen) < 0.3, IGNORE_INDEX
+    )
     expected = reference(model.cpu(), idx)
     assert 0.5 < expected.std() < 3  # unit scale: the absolute bounds below mean what they say
     model.to(device)
@@ -97,7 +101,9 @@ def test_cached_and_rerun_generation_give_the_same_tokens(R, T0, device):
     model = make(R, 2, vocab_size=27, n_embd=16).to(device).eval()
     idx = torch.randint(1, 27, (5, T0), device=device)
     outs = [
-        model.generate(idx, 3 * R + 5, temperature=0.9, top_k=10, generator=torch.Generator(device).manual_seed(7), cached=cached)
+        model.generate(
+            idx, 3 * R + 5, temperature=0.9, top_k=10, generator=torch.Generator(device).manual_seed(7), cached=cached
+        )
         for cached in (False, True)
     ]
     assert outs[0].shape == (5, T0 + 3 * R + 5) and torch.equal(outs[0][:, :T0], idx)
@@ -212,7 +218,18 @@ def test_two_processes_train_as_one_on_the_global_batch(tmp_path):
     from makemore import checkpoint
     from makemore.train import CHECKPOINT
 
-    settings = dict(model="transformer", block_size=8, n_layer=2, n_head=2, n_embd=8, batch_size=8, optimizer="adamw", lr=1e-2, decay_at=1.0, dtype="float32")
+    settings = dict(
+        model="transformer",
+        block_size=8,
+        n_layer=2,
+        n_head=2,
+        n_embd=8,
+        batch_size=8,
+        optimizer="adamw",
+        lr=1e-2,
+        decay_at=1.0,
+        dtype="float32",
+    )
     result = torchrun(*flags(settings), "--max-steps", 3, *REPORTING, "--out", tmp_path / "ddp")
     assert result.returncode == 0, result.stderr
     ours = checkpoint.load(tmp_path / "ddp" / CHECKPOINT)

@@ -20,7 +20,18 @@ from dataclasses import dataclass
 import torch
 
 from .registry import resolve
-from .text import BOUNDARY, IGNORE_INDEX, DataError, Vocab, check_sha256, lecture_order, line_pieces, split_sizes, stream_split, text_pieces
+from .text import (
+    BOUNDARY,
+    IGNORE_INDEX,
+    DataError,
+    Vocab,
+    check_sha256,
+    lecture_order,
+    line_pieces,
+    split_sizes,
+    stream_split,
+    text_pieces,
+)
 
 LAYOUTS = ("windows", "sequences")
 EVAL_CHUNK = 512  # targets per evaluation row of a stream (at least the receptive field)
@@ -36,7 +47,9 @@ class Batch:
         return Batch(self.idx.to(device, non_blocking=True), self.targets.to(device, non_blocking=True))
 
 
-def load_source(data: str, kind: str = "auto", *, seed: int = 42, vocab: Vocab | None = None) -> "LineSource | StreamSource":
+def load_source(
+    data: str, kind: str = "auto", *, seed: int = 42, vocab: Vocab | None = None
+) -> "LineSource | StreamSource":
     """The data set ``data`` (a registered name, a path or a URL) as a source; ``vocab``: a trained model's, to encode with.
 
     The file is read twice, a piece at a time: once to check it and count its characters (and,
@@ -84,7 +97,9 @@ class LineSource:
         source._build(lengths, expected, lambda: line_pieces(path), vocab or Vocab.for_lines(chars), seed, str(path))
         return source
 
-    def _build(self, lengths: array, expected: list[tuple[int, int]], pieces, vocab: Vocab, seed: int, where: str) -> None:
+    def _build(
+        self, lengths: array, expected: list[tuple[int, int]], pieces, vocab: Vocab, seed: int, where: str
+    ) -> None:
         """Shuffle and split ``lengths`` (file order; overwritten), then encode ``pieces()`` (the items again, file
         order, each piece with the (items, characters) ``expected`` from the first reading) into split order.
 
@@ -115,14 +130,20 @@ class LineSource:
         self.ids = torch.empty(total, dtype=vocab.dtype)
         done = 0
         for k, items in enumerate(pieces()):
-            size = torch.frombuffer(_lengths(items, where), dtype=torch.int32).long() if items else torch.zeros(0, dtype=torch.int64)
+            size = (
+                torch.frombuffer(_lengths(items, where), dtype=torch.int32).long()
+                if items
+                else torch.zeros(0, dtype=torch.int64)
+            )
             if k >= len(expected) or (len(items), int(size.sum())) != expected[k]:
                 raise DataError(f"{where}: the file changed while it was read; read it again when nothing writes to it")
             if not items:
                 continue
             ids = vocab.encode(BOUNDARY.join(items) + BOUNDARY, where)  # every item followed by its boundary, 0
             size += 1
-            shift = destination[done : done + len(items)].long() - (size.cumsum(0) - size)  # from piece to ids, per item
+            shift = destination[done : done + len(items)].long() - (
+                size.cumsum(0) - size
+            )  # from piece to ids, per item
             self.ids.scatter_(0, torch.arange(len(ids)) + shift.repeat_interleave(size, output_size=len(ids)), ids)
             done += len(items)
         if done != n:
@@ -157,7 +178,9 @@ class LineSource:
         at = ix + first  # the target's position in ids
         item = torch.searchsorted(self.starts, at.to(self.starts.dtype), right=True) - 1
         context = at[:, None] + torch.arange(-R, 0)
-        X = self.ids[context.clamp(min=0)].masked_fill_(context < self.starts[item].long()[:, None], 0)  # '.' before the item
+        X = self.ids[context.clamp(min=0)].masked_fill_(
+            context < self.starts[item].long()[:, None], 0
+        )  # '.' before the item
         return X, self.ids[at]
 
     def windows(self, split: str, R: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +203,9 @@ class LineSource:
     def check(self, layout: str, R: int, seq_len: int) -> None:
         """Items are left-padded to any receptive field: nothing can be too short."""
 
-    def batch(self, split: str, batch_size: int, layout: str, R: int, generator: torch.Generator, seq_len: int = 0) -> Batch:
+    def batch(
+        self, split: str, batch_size: int, layout: str, R: int, generator: torch.Generator, seq_len: int = 0
+    ) -> Batch:
         """A random batch: ``batch_size`` windows, or ``batch_size`` whole items (``seq_len`` unused: items are whole)."""
         if layout == "windows":
             ix = torch.randint(0, self.n_targets(split), (batch_size,), generator=generator)  # the lecture's draw
@@ -213,7 +238,9 @@ def _lengths(items: list[str], where) -> array:
     try:
         return array("i", map(len, items))
     except OverflowError:
-        raise DataError(f"{where}: a line of 2**31 characters or more; split it into lines, or read the file with --kind stream") from None
+        raise DataError(
+            f"{where}: a line of 2**31 characters or more; split it into lines, or read the file with --kind stream"
+        ) from None
 
 
 def _item_batch(rows: torch.Tensor, lengths: torch.Tensor, R: int) -> Batch:
@@ -251,7 +278,9 @@ class ItemSet:
 
     def __contains__(self, item: str) -> bool:
         mask = 2**self.INDEX_BITS - 1
-        low = hash(item) >> self.INDEX_BITS << self.INDEX_BITS  # the smallest key its hash can have; low | mask the largest
+        low = (
+            hash(item) >> self.INDEX_BITS << self.INDEX_BITS
+        )  # the smallest key its hash can have; low | mask the largest
         first = int(torch.searchsorted(self.keys, torch.tensor(low)))
         end = int(torch.searchsorted(self.keys, torch.tensor(low | mask), right=True))
         return any(self._item(k) == item for k in (self.keys[first:end] & mask).tolist())
@@ -307,7 +336,9 @@ class StreamSource:
                 "use a shorter context or sequence, or more text"
             )
 
-    def batch(self, split: str, batch_size: int, layout: str, R: int, generator: torch.Generator, seq_len: int = 1) -> Batch:
+    def batch(
+        self, split: str, batch_size: int, layout: str, R: int, generator: torch.Generator, seq_len: int = 1
+    ) -> Batch:
         """``batch_size`` random windows of the text: R tokens of context and 1 target (windows) or ``seq_len`` targets."""
         T = 1 if layout == "windows" else seq_len
         ids = self.ids[split]

@@ -101,7 +101,9 @@ def download(info: DatasetInfo, path: Path, chunk: int = 1 << 20) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
     except OSError as e:
-        raise DataError(f"{path.parent}: cannot write the download there ({e.strerror or e}); run from a writable directory") from None
+        raise DataError(
+            f"{path.parent}: cannot write the download there ({e.strerror or e}); run from a writable directory"
+        ) from None
     digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out:
@@ -124,7 +126,9 @@ def download(info: DatasetInfo, path: Path, chunk: int = 1 << 20) -> None:
             out.flush()
             os.fsync(out.fileno())  # the bytes are on disk before the name points at them
         if digest.hexdigest() != info.sha256:
-            raise DataError(f"{info.url}: SHA-256 {digest.hexdigest()} does not match the expected {info.sha256}; nothing was saved")
+            raise DataError(
+                f"{info.url}: SHA-256 {digest.hexdigest()} does not match the expected {info.sha256}; nothing was saved"
+            )
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

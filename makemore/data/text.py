@@ -115,13 +115,17 @@ def line_pieces(path: Path, vocab: "Vocab | None" = None) -> Iterator[list[str]]
         joined = "".join(items)
         if BOUNDARY in joined or (allowed is not None and not allowed.issuperset(joined)):
             # Checked on the whole piece at C speed; only a bad piece is searched line by line, for the first bad line.
-            number, line = _first_line(lines, lambda item: BOUNDARY in item or (allowed is not None and not allowed.issuperset(item)))
+            number, line = _first_line(
+                lines, lambda item: BOUNDARY in item or (allowed is not None and not allowed.issuperset(item))
+            )
             if BOUNDARY in line:
                 raise DataError(
                     f"{path}:{first_line + number}: {line[:40]!r} contains {BOUNDARY!r}, the boundary token of line data; "
                     "remove it, or read the file as one text with --kind stream"
                 )
-            raise _unknown_character(f"{path}:{first_line + number}", next(ch for ch in line if ch not in allowed), len(allowed))
+            raise _unknown_character(
+                f"{path}:{first_line + number}", next(ch for ch in line if ch not in allowed), len(allowed)
+            )
         found = found or bool(items)
         yield items
     if not found:
@@ -131,9 +135,16 @@ def line_pieces(path: Path, vocab: "Vocab | None" = None) -> Iterator[list[str]]
 def _check_byte_order_mark(path: Path, head: bytes) -> None:
     # Without this, UTF-16 text fails as "not valid UTF-8 (byte 0xff)" or "NUL byte", true but
     # not what the user needs to hear: which encoding it is and what to convert it to.
-    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+    for bom, name in (
+        (codecs.BOM_UTF32_LE, "UTF-32"),
+        (codecs.BOM_UTF32_BE, "UTF-32"),
+        (codecs.BOM_UTF16_LE, "UTF-16"),
+        (codecs.BOM_UTF16_BE, "UTF-16"),
+    ):
         if head.startswith(bom):
-            raise DataError(f"{path}:1: starts with a {name} byte-order mark: the file is {name} text; convert it to UTF-8")
+            raise DataError(
+                f"{path}:1: starts with a {name} byte-order mark: the file is {name} text; convert it to UTF-8"
+            )
 
 
 def _cut(buf: bytearray, scanned: int, lines: bool) -> int:
@@ -154,7 +165,9 @@ def _decode(path: Path, buf: bytearray, cut: int, line: int) -> str:
     """``buf[:cut]`` as text with LF line ends; ``line``: the number of the line it starts on, for errors."""
     nul = buf.find(b"\0")  # all that was read, not only this piece: a binary file is named as such, not as bad UTF-8
     if nul >= 0:
-        raise DataError(f"{path}:{line + _line_ends(buf, nul)}: NUL byte: this looks like a binary file; give a UTF-8 text file")
+        raise DataError(
+            f"{path}:{line + _line_ends(buf, nul)}: NUL byte: this looks like a binary file; give a UTF-8 text file"
+        )
     try:
         with memoryview(buf) as view:
             text = str(view[:cut], "utf-8")
@@ -233,11 +246,15 @@ class Vocab:
         ``where``:line (``text`` starting on line ``first_line``)."""
         ids = torch.empty(len(text), dtype=self.dtype)
         for start in range(0, len(text), ENCODE_CHUNK):
-            points = _code_points(text[start : start + ENCODE_CHUNK]).clamp_(max=len(self._table) - 1)  # the last entry is -1
+            points = _code_points(text[start : start + ENCODE_CHUNK]).clamp_(
+                max=len(self._table) - 1
+            )  # the last entry is -1
             found = self._table.index_select(0, points)
             if len(found) and int(found.min()) < 0:
                 first = start + int((found < 0).nonzero()[0])
-                raise _unknown_character(f"{where}:{first_line + text.count(chr(10), 0, first)}", text[first], len(self))
+                raise _unknown_character(
+                    f"{where}:{first_line + text.count(chr(10), 0, first)}", text[first], len(self)
+                )
             ids[start : start + len(points)] = found
         return ids
 

@@ -56,13 +56,17 @@ class LanguageModel(nn.Module):
             raise TypeError(f"token ids must be int64 or int32, got {idx.dtype}")
         bad = (idx < 0) | (idx >= self.vocab_size)
         if idx.numel() and bad.any():  # (an empty prompt, the usual start, costs no host read)
-            raise ValueError(f"token id {idx[bad][0].item()} is out of range for a vocabulary of {self.vocab_size} (valid: 0..{self.vocab_size - 1})")
+            raise ValueError(
+                f"token id {idx[bad][0].item()} is out of range for a vocabulary of {self.vocab_size} (valid: 0..{self.vocab_size - 1})"
+            )
 
     # Generation: prefill the context, then one step per new token.
 
     def prefill(self, idx: torch.Tensor):
         """Logits (N, V) for the token after ``idx (N, T0)`` (left-padded with token 0) and a cache to continue from."""
-        window = left_pad(idx, self.receptive_field)[:, -self.receptive_field :].clone()  # (N, R): ours to update in place
+        window = left_pad(idx, self.receptive_field)[
+            :, -self.receptive_field :
+        ].clone()  # (N, R): ours to update in place
         return self(window)[0][:, -1], window
 
     def step(self, token: torch.Tensor, cache):
@@ -94,7 +98,11 @@ class LanguageModel(nn.Module):
         self.check_tokens(idx)
         if max_new_tokens == 0:
             return idx
-        prefill, step = (self.prefill, self.step) if cached else (partial(LanguageModel.prefill, self), partial(LanguageModel.step, self))
+        prefill, step = (
+            (self.prefill, self.step)
+            if cached
+            else (partial(LanguageModel.prefill, self), partial(LanguageModel.step, self))
+        )
         sample = partial(sample_next, temperature=temperature, top_k=top_k, generator=generator)
         logits, cache = prefill(idx)
         token = sample(logits)  # (N,): a static buffer from here on, read and rewritten by every step
@@ -114,7 +122,9 @@ def next_token(step, token: torch.Tensor, cache, sample) -> None:
     and is replaced by a sample of the logits that follow it. Static buffers only: CUDA-graph capturable."""
     logits, returned = step(token, cache)
     if returned is not cache:  # a new cache object would be dropped here (and is not capturable)
-        raise TypeError("a model's step must update its cache in place and return that same cache (static buffers: see makemore/models/base.py)")
+        raise TypeError(
+            "a model's step must update its cache in place and return that same cache (static buffers: see makemore/models/base.py)"
+        )
     token.copy_(sample(logits))
 
 

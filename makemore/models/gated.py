@@ -68,9 +68,13 @@ class GatedWaveNetConfig:
         if self.n_levels > 16:
             raise ValueError(f"--n-levels must be <= 16 (a receptive field of 65536 per stack), got {self.n_levels}")
         if self.stacks > 16:  # each stack builds n_levels layers at once: a huge count would fill memory with modules
-            raise ValueError(f"--stacks must be <= 16 (at most 256 layers, a receptive field of about a million), got {self.stacks}")
+            raise ValueError(
+                f"--stacks must be <= 16 (at most 256 layers, a receptive field of about a million), got {self.stacks}"
+            )
         if self.order not in GATED_ORDERS:
-            raise ValueError(f"--order must be one of {', '.join(GATED_ORDERS)} for the gated model, got {self.order!r}")
+            raise ValueError(
+                f"--order must be one of {', '.join(GATED_ORDERS)} for the gated model, got {self.order!r}"
+            )
 
     @property
     def receptive_field(self) -> int:
@@ -137,7 +141,9 @@ class _DilatedGated(torch.autograd.Function):
             y = torch.addmm(bias.to(dtype), xc[:-d], w[:C]).addmm_(xc[d:], w[C:])  # (M - d, 2G)
             t, s = torch.tanh(y[:, :G]), torch.sigmoid(y[:, G:])
             keep = torch.empty_like(t).bernoulli_(1 - p) if p else None  # dropout: 0 or 1, then 1 / (1 - p)
-            z = t * s if keep is None else torch.mul(t * s, keep.mul_(1 / (1 - p)))  # a fresh tensor: docs/models.md#autograd-functions
+            z = (
+                t * s if keep is None else torch.mul(t * s, keep.mul_(1 / (1 - p)))
+            )  # a fresh tensor: docs/models.md#autograd-functions
             x_next = None if res is None else add_matmul(x[d:], z, res)
         ctx.d, ctx.dtypes = d, (x.dtype, weight.dtype, bias.dtype)
         ctx.save_for_backward(xc, w, res, t, s, z, keep)
@@ -197,7 +203,8 @@ class GatedWaveNet(LanguageModel):
         C, G, S = config.n_embd, config.n_hidden, config.n_skip
         self.wte = Embedding(config.vocab_size, C)
         self.layers = nn.ModuleList(
-            GatedLayer(C, G, S, 2 ** (k % config.n_levels), n_layers, last=k == n_layers - 1, dropout=config.dropout) for k in range(n_layers)
+            GatedLayer(C, G, S, 2 ** (k % config.n_levels), n_layers, last=k == n_layers - 1, dropout=config.dropout)
+            for k in range(n_layers)
         )
         self.skip_bias = nn.Parameter(torch.zeros(S))
         self.head = Linear(S, S)
@@ -280,4 +287,3 @@ class GatedWaveNet(LanguageModel):
 def _unflat(x: torch.Tensor, N: int, L: int, shift: int) -> torch.Tensor:
     """Rows of a level that has lost ``shift`` rows from the front, as (N, L, ...): [n, j] is position j + shift of sequence n."""
     return F.pad(x, (0, 0, 0, shift)).view(N, L, *x.shape[1:])
-

@@ -24,6 +24,7 @@ class MLPConfig:
 
 class MLP(LanguageModel):
     """Embedding -> flatten the window -> Linear -> BatchNorm1d -> tanh -> Linear, at every window of the sequence."""
+
     batch_statistics = True
 
     def __init__(self, config: MLPConfig):
@@ -43,6 +44,8 @@ class MLP(LanguageModel):
         T = self.outputs(L)
         x = sliding_windows(self.wte(idx), self.receptive_field)  # (N, T, R, n_embd)
         x = self.hidden(x.reshape(N, T, -1))  # (N, T, n_hidden)
-        mask = targets != IGNORE_INDEX if (self.training and targets is not None and T > 1) else None  # padding stays out of the statistics
+        mask = (
+            targets != IGNORE_INDEX if (self.training and targets is not None and T > 1) else None
+        )  # padding stays out of the statistics
         logits = self.lm_head(torch.tanh(self.bn(x, mask)))  # (N, T, V)
         return logits, self.loss(logits, targets)

@@ -38,6 +38,7 @@ class NGram(LanguageModel):
 
     Logits are log-probabilities.
     """
+
     fitted = True
 
     def __init__(self, config: NGramConfig):
@@ -80,6 +81,7 @@ class NeuralBigramConfig:
 
 class NeuralBigram(LanguageModel):
     """The bigram as a network: logits = W[previous token], i.e. one_hot(x) @ W without the one-hot."""
+
     fitted = True
 
     def __init__(self, config: NeuralBigramConfig):
@@ -97,7 +99,9 @@ class NeuralBigram(LanguageModel):
     def fit(self, batches, *, steps: int = 200, lr: float = 50.0, weight_decay: float = 0.01) -> "NeuralBigram":
         """The lecture's full-batch gradient descent over every pair of ``batches``, with its (W**2).mean() regulariser."""
         batches = list(batches)
-        prev = torch.cat([b.idx[:, -b.targets.shape[1] :].flatten() for b in batches])  # R = 1: the token before each target
+        prev = torch.cat(
+            [b.idx[:, -b.targets.shape[1] :].flatten() for b in batches]
+        )  # R = 1: the token before each target
         targets = torch.cat([b.targets.flatten() for b in batches])
         keep = targets != IGNORE_INDEX
         prev, targets = prev[keep], targets[keep]

@@ -56,11 +56,18 @@ ROPE_BASE = 10_000.0  # the RoPE paper's (and Llama's) base of the rotation freq
 @dataclass
 class TransformerConfig:
     vocab_size: int = 65
-    block_size: int = field(default=64, metadata={"help": "the receptive field R, split over the layers' attention windows"})
+    block_size: int = field(
+        default=64, metadata={"help": "the receptive field R, split over the layers' attention windows"}
+    )
     n_layer: int = field(default=4, metadata={"help": "blocks (attention + MLP)"})
-    n_head: int = field(default=4, metadata={"help": "attention heads per block; n_embd / n_head must be even (rotary positions)"})
+    n_head: int = field(
+        default=4, metadata={"help": "attention heads per block; n_embd / n_head must be even (rotary positions)"}
+    )
     n_embd: int = field(default=128, metadata={"help": "width of the residual stream"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the embeddings, attention weights and residual branches while training"})
+    dropout: float = field(
+        default=0.0,
+        metadata={"help": "dropout on the embeddings, attention weights and residual branches while training"},
+    )
     tie_weights: bool = field(default=True, metadata={"help": "the output layer shares the token embedding's weights"})
 
     def __post_init__(self):
@@ -95,12 +102,18 @@ class SlidingWindowAttention(nn.Module):
         self.c_proj = nn.Linear(C, C, bias=False)
         Q, W = self.block, window
         i, j = torch.arange(Q)[:, None], torch.arange(Q + W - 1)
-        self.register_buffer("band", (j >= i) & (j <= i + W - 1), persistent=False)  # query i of a block sees its keys i .. i+W-1
+        self.register_buffer(
+            "band", (j >= i) & (j <= i + W - 1), persistent=False
+        )  # query i of a block sees its keys i .. i+W-1
         cos, sin = rotary_table(W, C // H, torch.device("cpu"))
-        self.register_buffer("cos", cos, persistent=False)  # (W, D / 2): the cached step's angles, frame positions 0 .. W-1
+        self.register_buffer(
+            "cos", cos, persistent=False
+        )  # (W, D / 2): the cached step's angles, frame positions 0 .. W-1
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: list | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: list | None = None
+    ) -> torch.Tensor:
         """x (N, L, C), the rotation of positions 0 .. L-1 (L, 1, D/2) -> (N, L - W + 1, C)."""
         N, L, C = x.shape
         H, W, Q = self.n_head, self.window, self.block
@@ -115,7 +128,10 @@ class SlidingWindowAttention(nn.Module):
         pad = nb * Q - T
         q = F.pad(q, (0, 0, 0, 0, 0, pad)).view(N, nb, Q, H, D).transpose(2, 3).reshape(N * nb, H, Q, D)
         # block b's keys: positions bQ .. bQ + Q + W - 2 (overlapping windows, copied: SDPA's fast kernels take 4-D tensors)
-        k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).unfold(1, Q + W - 1, Q).transpose(-1, -2).reshape(N * nb, H, Q + W - 1, D) for t in (k, v))
+        k, v = (
+            F.pad(t, (0, 0, 0, 0, 0, pad)).unfold(1, Q + W - 1, Q).transpose(-1, -2).reshape(N * nb, H, Q + W - 1, D)
+            for t in (k, v)
+        )
         y = _attention(q, k, v, self.band, self.dropout if self.training else 0.0)  # (N·nb, H, Q, D)
         y = y.view(N, nb, H, Q, D).transpose(2, 3).reshape(N, nb * Q, C)[:, :T]  # (N, T, C)
         return F.dropout(self.c_proj(y), self.dropout, self.training)
@@ -128,7 +144,9 @@ class SlidingWindowAttention(nn.Module):
         slot = (pos % W).view(1)
         keys.index_copy_(2, slot, k.to(keys.dtype))
         values.index_copy_(2, slot, v.to(values.dtype))
-        frame = W - 1 - (pos - torch.arange(W, device=pos.device)) % W  # slot j holds the key (pos - j) mod W tokens back
+        frame = (
+            W - 1 - (pos - torch.arange(W, device=pos.device)) % W
+        )  # slot j holds the key (pos - j) mod W tokens back
         q = _rotate(q, self.cos[W - 1 : W], self.sin[W - 1 : W])
         k = _rotate(keys.to(q.dtype), self.cos[frame], self.sin[frame])
         y = _attention(q, k, values.to(q.dtype))  # (N, H, 1, D)
@@ -141,7 +159,9 @@ def _attention(q, k, v, mask=None, dropout: float = 0.0) -> torch.Tensor:
     and keep it (docs/models.md, "The Transformer baseline")."""
     if q.device.type == "cpu" and q.dtype != torch.float32:
         with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout).to(q.dtype)
+            return F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout
+            ).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
@@ -186,7 +206,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=False)
         self.mlp = MLPBlock(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: list | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: list | None = None
+    ) -> torch.Tensor:
         x = x[:, self.attn.window - 1 :] + self.attn(self.ln_1(x), cos, sin, record)  # (N, L - W + 1, C)
         return x + self.mlp(self.ln_2(x))
 

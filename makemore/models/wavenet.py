@@ -52,7 +52,10 @@ class WaveNetConfig:
     n_hidden: int = field(default=128, metadata={"help": "width of every level of the tree"})
     order: str = field(
         default="conv",
-        metadata={"help": "evaluation order: conv (shifted-view matmuls), conv1d (F.conv1d) or windows (per window, the lecture's form)", "choices": ORDERS},
+        metadata={
+            "help": "evaluation order: conv (shifted-view matmuls), conv1d (F.conv1d) or windows (per window, the lecture's form)",
+            "choices": ORDERS,
+        },
     )
     fused: bool = field(
         default=False,
@@ -64,7 +67,9 @@ class WaveNetConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.block_size < 2 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"--block-size must be a power of two >= 2 for the wavenet (the tree halves the window at each level), got {self.block_size}")
+            raise ValueError(
+                f"--block-size must be a power of two >= 2 for the wavenet (the tree halves the window at each level), got {self.block_size}"
+            )
         if self.order not in ORDERS:
             raise ValueError(f"--order must be one of {', '.join(ORDERS)}, got {self.order!r}")
 
@@ -110,11 +115,14 @@ class TreeBlock(nn.Module):
         """One node from its two children (N, C_in) each, with ``folded()``'s map: two GEMMs, no concatenation."""
         w_left, w_right, bias = folded
         dtype = matmul_dtype(left)  # under autocast addmm_ is not cast for us: operands in one dtype
-        return torch.tanh(torch.addmm(bias.to(dtype), left.to(dtype), w_left.to(dtype)).addmm_(right.to(dtype), w_right.to(dtype)))
+        return torch.tanh(
+            torch.addmm(bias.to(dtype), left.to(dtype), w_left.to(dtype)).addmm_(right.to(dtype), w_right.to(dtype))
+        )
 
 
 class WaveNet(LanguageModel):
     """Embedding -> n_layers TreeBlocks -> Linear, evaluated in the config's ``order`` (see the module docstring)."""
+
     batch_statistics = True
 
     def __init__(self, config: WaveNetConfig):
@@ -139,7 +147,9 @@ class WaveNet(LanguageModel):
         logits = self.lm_head(x)  # (N, T, V)
         return logits, self.loss(logits, targets)
 
-    def _walk(self, x: torch.Tensor, T: int, valid: torch.Tensor | None, conv_levels: int, record: list | None = None) -> torch.Tensor:
+    def _walk(
+        self, x: torch.Tensor, T: int, valid: torch.Tensor | None, conv_levels: int, record: list | None = None
+    ) -> torch.Tensor:
         """The tree, level by level: x (N, L, n_embd) level-0 nodes -> (N, T, n_hidden) top nodes.
 
         The first ``conv_levels`` levels run over the whole sequence as dilated convolutions; the

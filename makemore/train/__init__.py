@@ -7,4 +7,15 @@ from .loop import train
 from .run import BEST, CHECKPOINT, LOSS_PLOT, METRICS
 from .recipes import RECIPES
 
-__all__ = ["RECIPES", "TrainConfig", "make_configs", "train", "evaluate", "estimate_loss", "BEST", "CHECKPOINT", "METRICS", "LOSS_PLOT"]
+__all__ = [
+    "RECIPES",
+    "TrainConfig",
+    "make_configs",
+    "train",
+    "evaluate",
+    "estimate_loss",
+    "BEST",
+    "CHECKPOINT",
+    "METRICS",
+    "LOSS_PLOT",
+]

@@ -80,4 +80,7 @@ def _gradients(run: Run, step_model, batch, expect_loss: float | None = None) ->
     loss.backward()
     if expect_loss is not None and not abs(loss.item() - expect_loss) < 1e-3:
         return None
-    return {n: torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float() for n, p in model.named_parameters()}
+    return {
+        n: torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
+        for n, p in model.named_parameters()
+    }

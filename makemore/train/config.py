@@ -34,45 +34,72 @@ def option(default, help: str, choices=None, type=None):
 class TrainConfig:
     # data
     data: str = option("names", "a registered data set (names, tinyshakespeare) or a path to a UTF-8 text file")
-    kind: str = option("auto", "lines: one item per line; stream: one text; auto: the data set's (lines for a path)", KINDS)
-    layout: str = option("windows", "windows: one target per row (the lecture's batches); sequences: every position of an item or text window", LAYOUTS)
+    kind: str = option(
+        "auto", "lines: one item per line; stream: one text; auto: the data set's (lines for a path)", KINDS
+    )
+    layout: str = option(
+        "windows",
+        "windows: one target per row (the lecture's batches); sequences: every position of an item or text window",
+        LAYOUTS,
+    )
     seq_len: int = option(64, "stream data, sequences layout: targets per training row")
     model: str = option("wavenet", "the model", tuple(MODELS))
     # optimisation
-    optimizer: str = option("sgd", "sgd: the lecture's p -= lr * grad; adamw: decoupled weight decay on matrices only", OPTIMIZERS)
+    optimizer: str = option(
+        "sgd", "sgd: the lecture's p -= lr * grad; adamw: decoupled weight decay on matrices only", OPTIMIZERS
+    )
     lr: float = option(0.1, "peak learning rate")
     min_lr: float | None = option(
         None, "step schedule: the rate after the decay; cosine: the floor it decays to (unset: --lr / 10)", type=float
     )
-    schedule: str = option("step", "step: lr, then min_lr from --decay-at on; cosine: linear warm-up, then cosine decay to min_lr", SCHEDULES)
+    schedule: str = option(
+        "step",
+        "step: lr, then min_lr from --decay-at on; cosine: linear warm-up, then cosine decay to min_lr",
+        SCHEDULES,
+    )
     decay_at: float = option(0.75, "step schedule: the fraction of the run after which min_lr applies")
     warmup: float = option(0.0, "cosine schedule: the fraction of the run spent warming up")
     weight_decay: float = option(0.0, "adamw: weight decay of the matrices")
     beta1: float = option(0.9, "adamw: beta1")
     beta2: float = option(0.99, "adamw: beta2")
     grad_clip: float = option(0.0, "clip the gradient's global norm to this (0: no clipping)")
-    batch_size: int = option(32, "rows per micro-batch, per process (under torchrun the global batch is processes x this)")
+    batch_size: int = option(
+        32, "rows per micro-batch, per process (under torchrun the global batch is processes x this)"
+    )
     grad_accum: int = option(1, "micro-batches per optimiser step")
     max_steps: int = option(200_000, "optimiser steps")
-    max_seconds: float = option(0.0, "stop training after this many seconds (0: no limit); the schedule then follows time")
+    max_seconds: float = option(
+        0.0, "stop training after this many seconds (0: no limit); the schedule then follows time"
+    )
     # evaluation, logging, checkpoints
     eval_interval: int = option(
-        0, "estimate train/val loss every this many steps and keep the best val estimate's weights in best.pt (0: no estimates)"
+        0,
+        "estimate train/val loss every this many steps and keep the best val estimate's weights in best.pt (0: no estimates)",
     )
     eval_iters: int = option(20, "random batches per estimate")
     patience: int = option(0, "stop after this many estimates in a row without a better val estimate (0: never)")
-    eval_max_tokens: int = option(500_000, "the final evaluation covers each split exhaustively up to this many targets, an even subset above")
+    eval_max_tokens: int = option(
+        500_000, "the final evaluation covers each split exhaustively up to this many targets, an even subset above"
+    )
     log_interval: int = option(1000, "log the training loss every this many steps")
     checkpoint_interval: int = option(10_000, "save a checkpoint every this many steps")
-    checkpoint_seconds: float = option(300.0, "also save one when this many seconds of wall clock passed since the last: the most a crash can lose")
+    checkpoint_seconds: float = option(
+        300.0, "also save one when this many seconds of wall clock passed since the last: the most a crash can lose"
+    )
     # system
     seed: int = option(42, "seed of the split, the initialisation and the batches")
-    device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps (under torchrun, cuda is cuda:LOCAL_RANK)")
+    device: str = option(
+        "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps (under torchrun, cuda is cuda:LOCAL_RANK)"
+    )
     dtype: str = option(
-        "auto", "bfloat16: autocast matmuls to bfloat16, float32 master weights; auto: bfloat16 where the device multiplies it natively", DTYPES
+        "auto",
+        "bfloat16: autocast matmuls to bfloat16, float32 master weights; auto: bfloat16 where the device multiplies it natively",
+        DTYPES,
     )
     compile: bool = option(False, "torch.compile the model (falls back to eager with a message where it cannot)")
-    compile_mode: str = option("default", "with --compile: torch.compile's mode (reduce-overhead: CUDA graphs)", COMPILE_MODES)
+    compile_mode: str = option(
+        "default", "with --compile: torch.compile's mode (reduce-overhead: CUDA graphs)", COMPILE_MODES
+    )
     dist_timeout: float = option(300.0, "under torchrun: seconds a rank waits for the others before ending the job")
 
     def __post_init__(self):
@@ -85,9 +112,26 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.min_lr is None:  # the lecture's ratio
             self.min_lr = self.lr / 10
-        for name in ("seq_len", "batch_size", "grad_accum", "eval_iters", "eval_max_tokens", "log_interval", "checkpoint_interval"):
+        for name in (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "eval_iters",
+            "eval_max_tokens",
+            "log_interval",
+            "checkpoint_interval",
+        ):
             _at_least(self, name, 1)
-        for name in ("max_steps", "max_seconds", "eval_interval", "patience", "weight_decay", "grad_clip", "min_lr", "checkpoint_seconds"):
+        for name in (
+            "max_steps",
+            "max_seconds",
+            "eval_interval",
+            "patience",
+            "weight_decay",
+            "grad_clip",
+            "min_lr",
+            "checkpoint_seconds",
+        ):
             _at_least(self, name, 0)
         for name in ("decay_at", "warmup"):
             if not 0 <= getattr(self, name) <= 1:
@@ -149,7 +193,9 @@ def model_fields() -> dict[str, dataclasses.Field]:
         for f in fields(config_cls):
             if f.name != "vocab_size":
                 if f.name in found and found[f.name].type is not f.type:
-                    raise TypeError(f"model option {f.name!r} has two types ({found[f.name].type}, {f.type}): one flag cannot serve both")
+                    raise TypeError(
+                        f"model option {f.name!r} has two types ({found[f.name].type}, {f.type}): one flag cannot serve both"
+                    )
                 found.setdefault(f.name, f)
     return found
 
@@ -203,7 +249,9 @@ def check_new_run(config: TrainConfig, model_config) -> None:
                 f"--batch-size must be >= 2 for the {config.model} model with --layout windows: its BatchNorm "
                 f"normalises over the batch, and one window has no variance (got {config.batch_size})"
             )
-        if config.layout == "sequences" and config.batch_size * config.seq_len < 2:  # stream rows; a line has 2 targets or more
+        if (
+            config.layout == "sequences" and config.batch_size * config.seq_len < 2
+        ):  # stream rows; a line has 2 targets or more
             raise ValueError(
                 f"--batch-size x --seq-len must be >= 2 for the {config.model} model: its BatchNorm normalises over "
                 f"the batch's targets, and one has no variance (got {config.batch_size} x {config.seq_len})"

@@ -48,7 +48,9 @@ def check_supported(model_name: str, model: torch.nn.Module) -> None:
     """One clear error, raised alike by every rank before any joins the group (so none waits for another), for a
     model that cannot train in more than one process."""
     if model.fitted:
-        raise ValueError(f"--model {model_name} is fitted in one pass over the data, not trained in steps; run it without torchrun")
+        raise ValueError(
+            f"--model {model_name} is fitted in one pass over the data, not trained in steps; run it without torchrun"
+        )
     if model.batch_statistics:
         raise ValueError(
             f"--model {model_name} uses BatchNorm, whose batch statistics would differ between the {world_size()} processes; "
@@ -74,7 +76,9 @@ def setup(on: torch.device, timeout: float) -> None:
         # After an elastic restart torchrun's agent keeps its store, with the last attempt's gloo addresses
         # in it: a rank that read a dead peer's address failed to connect ("Connection refused", 1 restart
         # in 4 here). A prefix per attempt gives every attempt keys of its own.
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size(), is_master=False, timeout=timeout)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size(), is_master=False, timeout=timeout
+        )
         store = dist.PrefixStore(f"makemore/attempt_{restart}", store)
         dist.init_process_group(backend, store=store, rank=rank(), world_size=world_size(), timeout=timeout)
     else:

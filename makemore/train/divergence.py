@@ -72,7 +72,9 @@ class DivergenceGuard:
 def _lr_of_step(config: TrainConfig, n: int, times: torch.Tensor) -> float:
     """The learning rate step ``n`` (1-based) trained with, as the loop set it: from the steps and the clock before it."""
     before = float(times[min(n - 2, len(times) - 1)]) if n >= 2 else 0.0
-    return learning_rate(config, max((n - 1) / config.max_steps, before / config.max_seconds if config.max_seconds else 0.0))
+    return learning_rate(
+        config, max((n - 1) / config.max_steps, before / config.max_seconds if config.max_seconds else 0.0)
+    )
 
 
 @torch.no_grad()

@@ -39,7 +39,9 @@ def estimate_loss(model, source, config, generator: torch.Generator, autocast, d
     for split in source.splits:
         losses = torch.zeros(config.eval_iters, device=device)
         for i in range(config.eval_iters):
-            batch = source.batch(split, config.batch_size, config.layout, model.receptive_field, generator, config.seq_len).to(device)
+            batch = source.batch(
+                split, config.batch_size, config.layout, model.receptive_field, generator, config.seq_len
+            ).to(device)
             with autocast:
                 _, losses[i] = model(batch.idx, batch.targets)
         result[split] = losses.mean().item()

@@ -51,7 +51,9 @@ def acquire(out_dir: Path) -> Path:
                 continue  # released meanwhile
             owner = _parse(text)
             if owner is None:  # empty: its owner is between creating and writing it (microseconds), or was killed there
-                raise InUseError(f"{out_dir} is locked by {path}, which names no process; if no training runs there, delete it") from None
+                raise InUseError(
+                    f"{out_dir} is locked by {path}, which names no process; if no training runs there, delete it"
+                ) from None
             pid, host = owner
             if host != socket.gethostname():
                 raise InUseError(
@@ -59,7 +61,9 @@ def acquire(out_dir: Path) -> Path:
                     f"(if no training runs there, delete {path})"
                 ) from None
             if pid_alive(pid) and pid != os.getpid():
-                raise InUseError(f"{out_dir} is in use by a running training (pid {pid}); wait for it or choose another --out") from None
+                raise InUseError(
+                    f"{out_dir} is in use by a running training (pid {pid}); wait for it or choose another --out"
+                ) from None
             # Its owner died without releasing it (SIGKILL, power loss), or is this very process after a
             # pid reuse (pid 1 in a container): stale, take it over.
             if _take_over(out_dir, path, text, me):
@@ -68,7 +72,9 @@ def acquire(out_dir: Path) -> Path:
         with os.fdopen(fd, "w") as f:
             f.write(me)
         return path
-    raise InUseError(f"{out_dir} is in use: its lock {path} keeps changing hands; wait for the other training or choose another --out")
+    raise InUseError(
+        f"{out_dir} is in use: its lock {path} keeps changing hands; wait for the other training or choose another --out"
+    )
 
 
 def _take_over(out_dir: Path, path: Path, stale: str, me: str) -> bool:

@@ -19,9 +19,16 @@ class Log:
             total, self.shown, unit = config.max_seconds, run.history.elapsed, "s"
         else:
             total, self.shown, unit = config.max_steps, run.history.step, "step"
-        seconds_format = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if self.seconds else None
+        seconds_format = (
+            "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if self.seconds else None
+        )
         self.bar = tqdm(
-            total=total, initial=self.shown, unit=unit, bar_format=seconds_format, mininterval=1.0, dynamic_ncols=True,
+            total=total,
+            initial=self.shown,
+            unit=unit,
+            bar_format=seconds_format,
+            mininterval=1.0,
+            dynamic_ncols=True,
             disable=not (bar and writer and not run.model.fitted),
         )
 

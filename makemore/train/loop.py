@@ -93,7 +93,9 @@ def _train(run: Run, log: Log, signals: Signals) -> dict:
     else:
         step_model = compiled(run) if config.compile else model
         if distributed.launched():
-            step_model = DistributedDataParallel(step_model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+            step_model = DistributedDataParallel(
+                step_model, device_ids=[run.device.index] if run.device.type == "cuda" else None
+            )
         model.train()
         tokens = torch.zeros((), dtype=torch.int64, device=run.device)  # targets trained on since the last log
         logged_elapsed = history.elapsed
@@ -110,7 +112,9 @@ def _train(run: Run, log: Log, signals: Signals) -> dict:
             # forward and backward over the micro-batches, then the update
             start = clock()
             for micro_step in range(config.grad_accum):
-                if isinstance(step_model, DistributedDataParallel):  # all-reduce the gradients in the last backward only
+                if isinstance(
+                    step_model, DistributedDataParallel
+                ):  # all-reduce the gradients in the last backward only
                     step_model.require_backward_grad_sync = micro_step == config.grad_accum - 1
                 batch = run.batch()
                 with run.autocast():
@@ -251,7 +255,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
             records.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut short by a kill (the last one): it was never complete
             continue
-    kept = [r for r in records if r["step"] <= step and "final" not in r and not ("estimate" in r and r["step"] == step)]
+    kept = [
+        r for r in records if r["step"] <= step and "final" not in r and not ("estimate" in r and r["step"] == step)
+    ]
     tmp = path.with_name(path.name + ".tmp")  # replaced whole: a kill now leaves the old log or the new one
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)

@@ -30,7 +30,9 @@ def plot_losses(losses: torch.Tensor, times: torch.Tensor, metrics: Path, path: 
         if val:
             ax.plot([v[column] for v in val], [v[2] for v in val], "o-", ms=3, label="val (estimate)")
         if final:
-            ax.plot([v[column] for v in final], [v[2] for v in final], "r*", ms=10, label=f"val (final) {final[-1][2]:.4f}")
+            ax.plot(
+                [v[column] for v in final], [v[2] for v in final], "r*", ms=10, label=f"val (final) {final[-1][2]:.4f}"
+            )
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss (nats per character)")

@@ -67,7 +67,11 @@ class Run:
     @property
     def info(self) -> dict:
         """How this run computes: recorded in metrics.jsonl and every checkpoint."""
-        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "world_size": self.world_size}
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "world_size": self.world_size,
+        }
 
     def autocast(self):
         return autocast(self.device, self.dtype)
@@ -76,7 +80,9 @@ class Run:
         """A training-layout batch on the run's device, from ``generator`` (default: the training stream)."""
         c = self.config
         R = self.model.receptive_field
-        return self.source.batch(split, c.batch_size, c.layout, R, generator or self.generator, c.seq_len).to(self.device)
+        return self.source.batch(split, c.batch_size, c.layout, R, generator or self.generator, c.seq_len).to(
+            self.device
+        )
 
     def path(self, name: str) -> Path:
         return self.out_dir / name
@@ -106,7 +112,9 @@ def setup(config: TrainConfig, model_config, out_dir: Path, resume: bool) -> Run
     model = build_model(config.model, model_config)
     if rank > 0:  # a random stream of this rank's own, for its batches and its dropout masks
         torch.manual_seed(distributed.stream_seed(config.seed, rank))
-    generator = torch.Generator().set_state(torch.get_rng_state())  # rank 0: the stream the lecture's randint draws from
+    generator = torch.Generator().set_state(
+        torch.get_rng_state()
+    )  # rank 0: the stream the lecture's randint draws from
     eval_generator = torch.Generator().manual_seed(config.seed + 1)
     if world_size > 1:
         distributed.check_supported(config.model, model)  # every rank fails alike before joining, so none waits
@@ -118,9 +126,20 @@ def setup(config: TrainConfig, model_config, out_dir: Path, resume: bool) -> Run
     model.loss_in_place = device.type == "cuda" and config.grad_accum == 1
     source.check(config.layout, model.receptive_field, config.seq_len)
     run = Run(
-        config, model_config, out_dir, source, model, None if model.fitted else make_optimizer(config, model), device,
-        resolve_dtype(config.dtype, device), generator, eval_generator, History(config.max_steps, device), Best(),
-        rank, world_size,
+        config,
+        model_config,
+        out_dir,
+        source,
+        model,
+        None if model.fitted else make_optimizer(config, model),
+        device,
+        resolve_dtype(config.dtype, device),
+        generator,
+        eval_generator,
+        History(config.max_steps, device),
+        Best(),
+        rank,
+        world_size,
     )
     if state is not None:
         _restore(run, state)
