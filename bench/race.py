@@ -43,9 +43,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import timing
 from makemore.cli import load_model
 from makemore.data import Vocab, load_source
+from makemore.device import describe, resolve_device, resolve_dtype
 from makemore.models import build_model
 from makemore.train import BEST, CHECKPOINT, METRICS, RECIPES, evaluate, make_configs, train
-from makemore.device import describe, resolve_device, resolve_dtype
 from makemore.train.config import TrainConfig, check_new_run
 
 # The recipes of each budget (seconds): the WaveNet's and the Transformer's, tuned for the same clock.

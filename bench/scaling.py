@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from bench.race import best_cell, judge, machine, run_summary, train_recipe
+from makemore.device import resolve_device, resolve_dtype
 from makemore.models import build_model
 from makemore.train import RECIPES, make_configs
-from makemore.device import resolve_device, resolve_dtype
 from makemore.train.optim import make_optimizer
 
 LOSS_RECIPES = {"gated": "shakespeare-3m", "transformer": "transformer-3m"}
@@ -58,7 +58,8 @@ QUICK_DEFAULTS = dict(budget=0.5, speed_targets=32, windows_targets=8, repeats=1
 
 
 def context_settings(model: str, R: int, recipe: str) -> dict:
-    """The settings that give ``model`` the receptive field R, with rows of max(seq_len, R) targets and the recipe's targets per step."""
+    """The settings that give ``model`` the receptive field R, with rows of max(seq_len, R) targets and the recipe's
+    targets per step."""
     base = RECIPES[recipe]
     field = {"n_levels": R.bit_length() - 1, "stacks": 1} if model == "gated" else {"block_size": R}
     seq_len = max(base["seq_len"], R)
@@ -268,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             loss_rows
         )
     if speed_rows:
-        text += f"\nTraining tokens/s against the receptive field (rows of {args.speed_targets:,} targets; per window {args.windows_targets:,}):\n\n"
+        text += (
+            f"\nTraining tokens/s against the receptive field (rows of {args.speed_targets:,} targets; "
+            f"per window {args.windows_targets:,}):\n\n"
+        )
         text += speed_markdown(speed_rows)
     (args.out / "scaling.md").write_text(text)
     record = {

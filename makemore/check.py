@@ -218,7 +218,8 @@ def reference_of(
 def compare(
     model, S: torch.Tensor, Y: torch.Tensor, *, dtype: torch.dtype, tolerance: Tolerance | None = None, orders=None
 ) -> list[Row]:
-    """Every order of ``model`` against the reference, eval mode then training mode; the model ends in eval mode, unchanged.
+    """Every order of ``model`` against the reference, eval mode then training mode; the model ends in eval mode,
+    unchanged.
 
     ``dtype``: float64 and float32 run the model in that dtype; bfloat16 runs it under autocast.
     """
@@ -257,12 +258,15 @@ def compare(
                 buffers = max((current[k].double().cpu() - v).abs().max().item() for k, v in ref.buffers.items())
             rows.append(
                 Row(
-                    order.name, "train" if training else "eval",
+                    order.name,
+                    "train" if training else "eval",
                     (logits.detach().double().cpu() - ref.logits).abs().max().item(),
                     abs(loss.detach().double().cpu() - ref.loss).item(),
-                    grad, buffers, tolerance,
+                    grad,
+                    buffers,
+                    tolerance,
                 )
-            )  # fmt: skip
+            )
             model.load_state_dict(saved)  # training mode moved the running buffers
     model.zero_grad(set_to_none=True)
     model.eval()
@@ -270,7 +274,8 @@ def compare(
 
 
 def prepare(model, S: torch.Tensor, *, seed: int = 0) -> None:
-    """Away from init (non-zero biases and shifts, running statistics that have moved) and at unit-scale logits, in place."""
+    """Away from init (non-zero biases and shifts, running statistics that have moved) and at unit-scale logits, in
+    place."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -286,7 +291,8 @@ def prepare(model, S: torch.Tensor, *, seed: int = 0) -> None:
 
 
 def random_data(vocab_size: int, R: int, N: int, T: int, *, seed: int = 0, device="cpu"):
-    """Sequences S (N, R + T - 1) and targets Y (N, T), row n valid on a prefix (right padding -100), at least 2 targets in all."""
+    """Sequences S (N, R + T - 1) and targets Y (N, T), row n valid on a prefix (right padding -100), at least 2 targets
+    in all."""
     gen = torch.Generator().manual_seed(seed)
     S = torch.randint(0, vocab_size, (N, R + T - 1), generator=gen)
     Y = torch.randint(0, vocab_size, (N, T), generator=gen)
@@ -297,7 +303,10 @@ def random_data(vocab_size: int, R: int, N: int, T: int, *, seed: int = 0, devic
 
 
 def table(rows: list[Row]) -> str:
-    header = f"{'order':<28} {'mode':<5} {'max|Δlogits|':>12} {'|Δloss|':>10} {'rel Δgrad':>10} {'Δbuffers':>10}  tolerance (logits/loss/grad)  result"
+    header = (
+        f"{'order':<28} {'mode':<5} {'max|Δlogits|':>12} {'|Δloss|':>10} {'rel Δgrad':>10} {'Δbuffers':>10}  "
+        "tolerance (logits/loss/grad)  result"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         t = r.tolerance
@@ -360,11 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     prepare(model, S, seed=config.seed)
     rows = compare(model, S, Y, dtype=dtype)
     mode = math_mode(dtype, device)
-    print(f"{args.model}: receptive field {R}, {sum(p.numel() for p in model.parameters()):,} parameters, {args.sequences} x {args.outputs} outputs, "
-          f"{device}, {args.dtype}, math mode {mode}")  # fmt: skip
+    print(
+        f"{args.model}: receptive field {R}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{args.sequences} x {args.outputs} outputs, "
+        f"{device}, {args.dtype}, math mode {mode}"
+    )
     if device.type == "cuda":
         print(
-            f"TF32: {'on' if tf32_on() else 'off'} (matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}) on {torch.cuda.get_device_name(device)}"
+            f"TF32: {'on' if tf32_on() else 'off'} (matmul {torch.backends.cuda.matmul.allow_tf32}, "
+            f"cuDNN {torch.backends.cudnn.allow_tf32}) on {torch.cuda.get_device_name(device)}"
         )
     print(table(rows))
     failed = [r for r in rows if not r.passed]

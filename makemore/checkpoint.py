@@ -85,7 +85,8 @@ def _glob_escape(name: str) -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (True where that cannot be told: never take a live writer's file)."""
+    """Whether process ``pid`` exists on this machine (True where that cannot be told:
+    never take a live writer's file)."""
     if pid == os.getpid():
         return True
     if os.name != "posix":  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows
@@ -110,7 +111,8 @@ def load(path: Path) -> dict:
             head = f.read(4)
         if head == b"PK\x03\x04":  # a zip archive's first record, without the directory that ends one
             raise CheckpointError(
-                f"{path}: truncated ({path.stat().st_size:,} bytes, its end is missing: a copy or write was cut short); {fix}"
+                f"{path}: truncated ({path.stat().st_size:,} bytes, its end is missing: "
+                f"a copy or write was cut short); {fix}"
             )
         raise CheckpointError(f"{path}: not a readable makemore checkpoint (not a torch.save zip archive); {fix}")
     try:
@@ -119,8 +121,10 @@ def load(path: Path) -> dict:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if unsafe:  # code in the file, or a corrupt name: either way nothing was imported or run
             raise CheckpointError(
-                f"{path}: not a readable makemore checkpoint: it refers to {unsafe.group(1)}, which loading would have to import and run "
-                f"(refused; a makemore checkpoint holds only tensors and plain data): the file holds code or is corrupt; {fix}"
+                f"{path}: not a readable makemore checkpoint: it refers to {unsafe.group(1)}, "
+                "which loading would have to import and run "
+                "(refused; a makemore checkpoint holds only tensors and plain data): "
+                f"the file holds code or is corrupt; {fix}"
             ) from None
         raise CheckpointError(f"{path}: corrupt, not a readable makemore checkpoint ({_reason(e)}); {fix}") from None
     tag = state.get("format") if isinstance(state, dict) else None
@@ -135,7 +139,8 @@ def load(path: Path) -> dict:
             raise CheckpointError(f"{path}: corrupt ({e}); {fix}") from None
         if stored != actual:
             raise CheckpointError(
-                f"{path}: corrupt: its contents do not match the SHA-256 saved with them (changed on disk or in a copy); {fix}"
+                f"{path}: corrupt: its contents do not match the SHA-256 saved with them "
+                f"(changed on disk or in a copy); {fix}"
             )
     if tag not in READABLE:
         raise CheckpointError(f"{path}: {_format_problem(tag, path)}")
@@ -144,7 +149,8 @@ def load(path: Path) -> dict:
 
 
 def load_weights(model: torch.nn.Module, weights, path: Path) -> None:
-    """``model.load_state_dict(weights)``, or one line naming what does not fit (load_state_dict's own error spans many lines)."""
+    """``model.load_state_dict(weights)``, or one line naming what does not fit
+    (load_state_dict's own error spans many lines)."""
     path = Path(path)
     expected = model.state_dict()
     problems = []
@@ -163,14 +169,17 @@ def load_weights(model: torch.nn.Module, weights, path: Path) -> None:
     if problems:
         more = f", and {len(problems) - 2} more" if len(problems) > 2 else ""
         raise CheckpointError(
-            f"{path}: its weights do not fit the {type(model).__name__} its config describes ({'; '.join(problems[:2])}{more}); "
-            f"the file was edited or comes from another program: restore it or retrain with `makemore train --out {path.parent} --force`"
+            f"{path}: its weights do not fit the {type(model).__name__} its config describes "
+            f"({'; '.join(problems[:2])}{more}); "
+            "the file was edited or comes from another program: "
+            f"restore it or retrain with `makemore train --out {path.parent} --force`"
         )
     model.load_state_dict(weights)
 
 
 def _check_vocab(state: dict, path: Path) -> None:
-    """The vocabulary must be distinct single characters, as many as the model's vocab_size, line data's starting with '.'."""
+    """The vocabulary must be distinct single characters, as many as the model's vocab_size,
+    line data's starting with '.'."""
     if "vocab" not in state:
         return
     vocab = state["vocab"]
@@ -187,18 +196,28 @@ def _check_vocab(state: dict, path: Path) -> None:
     model_config = state.get("model_config")
     if isinstance(model_config, dict) and "vocab_size" in model_config and model_config["vocab_size"] != len(vocab):
         raise CheckpointError(
-            f"{path}: its vocabulary has {len(vocab)} characters but its model has {model_config['vocab_size']} embedding rows; {fix}"
+            f"{path}: its vocabulary has {len(vocab)} characters "
+            f"but its model has {model_config['vocab_size']} embedding rows; {fix}"
         )
 
 
 def _format_problem(tag, path: Path) -> str:
     match = _FORMAT_TAG.fullmatch(tag) if isinstance(tag, str) else None
     if match is None:
-        return f"not a makemore checkpoint (no {FORMAT} format tag: another program's torch file?); train one with `makemore train --out {path.parent}`"
+        return (
+            f"not a makemore checkpoint (no {FORMAT} format tag: another program's torch file?); "
+            f"train one with `makemore train --out {path.parent}`"
+        )
     version, ours = int(match.group(1)), int(_FORMAT_TAG.fullmatch(FORMAT).group(1))
     if version > ours:
-        return f"written by a newer makemore (format {tag}; this one reads {', '.join(READABLE)}): upgrade makemore to use it"
-    return f"written by an older makemore (format {tag}; this one reads {', '.join(READABLE)}): retrain with `makemore train --out {path.parent} --force`"
+        return (
+            f"written by a newer makemore (format {tag}; this one reads {', '.join(READABLE)}): "
+            "upgrade makemore to use it"
+        )
+    return (
+        f"written by an older makemore (format {tag}; this one reads {', '.join(READABLE)}): "
+        f"retrain with `makemore train --out {path.parent} --force`"
+    )
 
 
 def _digest(state: dict) -> str:

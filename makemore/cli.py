@@ -21,9 +21,9 @@ import torch
 from . import checkpoint
 from .checkpoint import CheckpointError
 from .data import DataError, Vocab, load_source
+from .device import check_device, resolve_device
 from .models import MODELS, build_model
 from .sample import sample_items, sample_text
-from .device import check_device, resolve_device
 from .train import CHECKPOINT, RECIPES, TrainConfig, distributed, evaluate, make_configs, train
 from .train.config import check_new_run, flag, model_fields, model_help
 from .train.loop import LostPeerError, final_record
@@ -39,9 +39,21 @@ MAX_LENGTH = 1_000_000
 CHECKPOINTS = {"last": CHECKPOINT, "best": BEST}  # --checkpoint: the run directory's two checkpoints
 # What a resumed run may change: how long it goes on and how it reports, never what it trains.
 RESUMABLE = (
-    "max_steps", "max_seconds", "device", "dtype", "compile", "compile_mode", "dist_timeout", "eval_interval", "eval_iters",
-    "patience", "eval_max_tokens", "log_interval", "checkpoint_interval", "checkpoint_seconds",
-)  # fmt: skip
+    "max_steps",
+    "max_seconds",
+    "device",
+    "dtype",
+    "compile",
+    "compile_mode",
+    "dist_timeout",
+    "eval_interval",
+    "eval_iters",
+    "patience",
+    "eval_max_tokens",
+    "log_interval",
+    "checkpoint_interval",
+    "checkpoint_seconds",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,14 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:  # after its checkpoint: say how to go on
         if distributed.is_main_process():
             print(
-                f"makemore train: {e}; checkpoint {args.out_dir / CHECKPOINT} written; continue with: {_resume_command(args.out_dir)}",
+                f"makemore train: {e}; checkpoint {args.out_dir / CHECKPOINT} written; "
+                f"continue with: {_resume_command(args.out_dir)}",
                 file=sys.stderr,
             )
         return 128 + e.signum
     except Interrupted as e:
         if distributed.is_main_process():
             print(
-                f"makemore train: {e}; {args.out_dir / CHECKPOINT} keeps the last checkpoint written, if any: continue with: {_resume_command(args.out_dir)}",
+                f"makemore train: {e}; {args.out_dir / CHECKPOINT} keeps the last checkpoint written, if any: "
+                f"continue with: {_resume_command(args.out_dir)}",
                 file=sys.stderr,
             )
         return 128 + e.signum
@@ -92,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resume_command(out: Path) -> str:
-    """The command that continues this run: the same launcher, ``--out`` and ``--resume`` (the checkpoint holds the settings)."""
+    """The command that continues this run: the same launcher, ``--out`` and ``--resume``
+    (the checkpoint holds the settings)."""
     tail = f"makemore train --out {shlex.quote(str(out))} --resume"
     if not distributed.launched():
         return tail
@@ -156,9 +171,13 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="directory for the checkpoint, metrics.jsonl and loss.png (default: runs/RECIPE)"
     )
     p.add_argument(
-        "--resume", nargs="?", const=True, metavar="auto",
-        help="continue the run in --out exactly where its checkpoint stopped; --resume auto: if it has one, else start it (for torchrun --max-restarts)",
-    )  # fmt: skip
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="auto",
+        help="continue the run in --out exactly where its checkpoint stopped; "
+        "--resume auto: if it has one, else start it (for torchrun --max-restarts)",
+    )
     p.add_argument("--force", action="store_true", help="start over even if --out already holds a checkpoint")
     p.add_argument(
         "--samples", type=int, default=20, help="names to print after training (text: 500 characters; 0: none)"
@@ -201,8 +220,8 @@ def _add_checkpoint_flag(p) -> None:
         "--checkpoint",
         choices=CHECKPOINTS,
         default="last",
-        help=f"last: the weights training ended with ({CHECKPOINT}); best: the best val estimate's ({BEST}, kept by runs "
-        "with --eval-interval) (default: last)",
+        help=f"last: the weights training ended with ({CHECKPOINT}); "
+        f"best: the best val estimate's ({BEST}, kept by runs with --eval-interval) (default: last)",
     )
 
 
@@ -264,7 +283,8 @@ def _train(args) -> int:
         )
         if changed:
             raise ValueError(
-                f"{', '.join(changed)} cannot change when resuming; only {', '.join(flag(n) for n in RESUMABLE)} can, and --lr be lowered"
+                f"{', '.join(changed)} cannot change when resuming; "
+                f"only {', '.join(flag(n) for n in RESUMABLE)} can, and --lr be lowered"
             )
         settings = {**state["config"], **{k: v for k, v in state["model_config"].items() if k != "vocab_size"}, **given}
     else:
@@ -306,9 +326,16 @@ def _sample(args) -> int:
         raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
     model, state = load_model(args.out, args.checkpoint)
     samples = _samples(
-        model, state, args.num_samples, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-        unique=args.unique, length=args.length, prompt=args.prompt,
-    )  # fmt: skip
+        model,
+        state,
+        args.num_samples,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        unique=args.unique,
+        length=args.length,
+        prompt=args.prompt,
+    )
     print("\n".join(samples))
     return 0
 
@@ -384,6 +411,7 @@ def _samples(model, state, n, *, seed, temperature=1.0, top_k=None, unique=False
 
 
 def _training_items(state):
-    """The training split's items for ``in`` tests: hashes in a tensor, not a set of str (10 million names would take 1 GB)."""
+    """The training split's items for ``in`` tests: hashes in a tensor, not a set of str
+    (10 million names would take 1 GB)."""
     config = TrainConfig(**state["config"])
     return load_source(config.data, config.kind, seed=config.seed, vocab=Vocab(state["vocab"])).item_set("train")

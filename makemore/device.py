@@ -26,12 +26,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_device(device: torch.device, flag: str = "--device") -> None:
-    """One line, raised as ValueError, for a device this machine does not have (moving a model there would fail with a traceback)."""
+    """One line, raised as ValueError, for a device this machine does not have
+    (moving a model there would fail with a traceback)."""
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
             raise ValueError(
-                f"{flag} {device}: no CUDA device is available here (or this torch was built without CUDA); use {flag} cpu"
+                f"{flag} {device}: no CUDA device is available here (or this torch was built without CUDA); "
+                f"use {flag} cpu"
             )
         if (device.index or 0) >= count:
             raise ValueError(

@@ -9,7 +9,8 @@ of the models with it.
 The lecture's tree (``tree``): level 0 is the embedding of each position; level l (1-based, n
 levels, block size B = 2^n) fuses two nodes of level l-1 2^(l-1) positions apart,
 
-    pre_l[p] = [h_(l-1)[p - 2^(l-1)]; h_(l-1)[p]] @ W_l,     h_l[p] = tanh(gamma_l (pre_l[p] - mean_l) / sqrt(var_l + eps) + beta_l)
+    pre_l[p] = [h_(l-1)[p - 2^(l-1)]; h_(l-1)[p]] @ W_l,
+    h_l[p] = tanh(gamma_l (pre_l[p] - mean_l) / sqrt(var_l + eps) + beta_l)
 
 and output j of a sequence is h_n[j + B - 1] @ W_out + b_out. In eval mode (mean, var) are the
 running buffers. In training mode they are the batch statistics over a population of nodes, with
@@ -161,7 +162,8 @@ def _tree(state, idx, targets, training, once_per_node) -> Result:
 
 
 def gated(state: dict, idx: torch.Tensor, targets: torch.Tensor | None = None, *, n_levels: int) -> Result:
-    """The gated residual WaveNet on sequences ``idx (N, L)``, its dilations from ``n_levels``: logits (N, L - R + 1, V), loss, gradients."""
+    """The gated residual WaveNet on sequences ``idx (N, L)``, its dilations from ``n_levels``:
+    logits (N, L - R + 1, V), loss, gradients."""
     with _one_thread():
         return _gated(state, idx, targets, n_levels)
 

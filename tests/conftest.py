@@ -41,7 +41,8 @@ def names_vocab(names) -> data.Vocab:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """The tensors of the equivalence suites are tiny: a second thread only adds overhead, ~20x when other processes share the cores."""
+    """The tensors of the equivalence suites are tiny: a second thread only adds overhead,
+    ~20x when other processes share the cores."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

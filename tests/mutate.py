@@ -401,9 +401,16 @@ def baseline(mutations) -> None:
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
         repo = fresh_copy(Path(tmp))
         probe = subprocess.run(
-            [sys.executable, "-c", "import makemore, makemore.kernels; print(makemore.__file__); print(makemore.kernels.__file__)"],
-            cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-c",
+                "import makemore, makemore.kernels; print(makemore.__file__); print(makemore.kernels.__file__)",
+            ],
+            cwd=repo,
+            env=dict(os.environ, PYTHONPATH=str(repo)),
+            capture_output=True,
+            text=True,
+        )
         paths = probe.stdout.split()
         if (
             probe.returncode
@@ -411,7 +418,8 @@ def baseline(mutations) -> None:
             or not all(Path(p).resolve().is_relative_to(Path(tmp).resolve()) for p in paths)
         ):
             raise SystemExit(
-                f"mutate: the copy does not import its own makemore ({probe.stdout.strip()} {probe.stderr.strip()[-300:]})"
+                "mutate: the copy does not import its own makemore "
+                f"({probe.stdout.strip()} {probe.stderr.strip()[-300:]})"
             )
         groups = [
             (interpret, sorted({t for m in mutations if m.interpret == interpret for t in m.tests}))
@@ -424,7 +432,8 @@ def baseline(mutations) -> None:
             passed = re.search(r"(\d+) passed", out)
             if code != 0 or not passed or int(passed[1]) < len(tests) or re.search(r"skipped|deselected", out):
                 raise SystemExit(
-                    f"mutate: the tests fail before any mutation ({'TRITON_INTERPRET=1, ' if interpret else ''}exit {code}):\n{out[-4000:]}"
+                    "mutate: the tests fail before any mutation "
+                    f"({'TRITON_INTERPRET=1, ' if interpret else ''}exit {code}):\n{out[-4000:]}"
                 )
 
 

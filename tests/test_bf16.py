@@ -25,8 +25,15 @@ LOSS_TOL = 0.01
 # hand-written backward is checked tightly against autograd in bfloat16 below.
 GRAD_RTOL = {"wavenet": 0.04, "gated": 0.2}  # measured: at most 0.013 and 0.09
 
-MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default, torch.ops.aten.convolution.default,
-           torch.ops.aten.addmm_.default, torch.ops.aten.baddbmm.default, torch.ops.aten.convolution_backward.default}  # fmt: skip
+MATMULS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.convolution.default,
+    torch.ops.aten.addmm_.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten.convolution_backward.default,
+}
 
 
 class MatmulDtypes(TorchDispatchMode):

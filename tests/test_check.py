@@ -58,7 +58,8 @@ def test_a_disagreement_fails_with_exit_1(monkeypatch, capsys):
 def test_bad_flags_are_one_line_errors(capsys):
     assert check.main(["--model", "wavenet", "--block-size", "6"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "makemore.check: error: --block-size must be a power of two >= 2 for the wavenet (the tree halves the window at each level), got 6"
+        "makemore.check: error: --block-size must be a power of two >= 2 for the wavenet "
+        "(the tree halves the window at each level), got 6"
     )
     assert check.main(["--model", "gated", "--block-size", "8"]) == 2
     assert "the gated model has no --block-size" in capsys.readouterr().err
@@ -85,7 +86,8 @@ def test_on_the_device(device, capsys):
 
 
 def test_the_reference_shares_no_code_with_the_models():
-    """makemore/reference.py imports torch and the standard library only: an error in the models' code cannot be in it too."""
+    """makemore/reference.py imports torch and the standard library only:
+    an error in the models' code cannot be in it too."""
     tree = ast.parse(Path(reference.__file__).read_text())
     imported = {
         alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names

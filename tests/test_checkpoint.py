@@ -39,7 +39,8 @@ def test_a_failed_save_keeps_the_old_checkpoint_whole(tmp_path, monkeypatch):
 
 
 def test_the_write_is_synced_then_renamed_then_the_rename_synced(tmp_path, monkeypatch):
-    """The order that makes a crash at any moment leave the old file or the new one: data on disk before the rename, the rename on disk after."""
+    """The order that makes a crash at any moment leave the old file or the new one:
+    data on disk before the rename, the rename on disk after."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(
@@ -197,11 +198,13 @@ def test_a_flipped_weight_is_caught_by_the_checksum(real):
     [
         (
             "makemore-wavenet/1",
-            "written by an older makemore (format makemore-wavenet/1; this one reads makemore-wavenet/2, makemore-wavenet/3): retrain",
+            "written by an older makemore (format makemore-wavenet/1; "
+            "this one reads makemore-wavenet/2, makemore-wavenet/3): retrain",
         ),
         (
             "makemore-wavenet/4",
-            "written by a newer makemore (format makemore-wavenet/4; this one reads makemore-wavenet/2, makemore-wavenet/3): upgrade makemore",
+            "written by a newer makemore (format makemore-wavenet/4; "
+            "this one reads makemore-wavenet/2, makemore-wavenet/3): upgrade makemore",
         ),
         ("something/1", "not a makemore checkpoint (no makemore-wavenet/3 format tag"),
         (None, "not a makemore checkpoint (no makemore-wavenet/3 format tag"),

@@ -2,9 +2,9 @@
 
 import json
 import re
-from dataclasses import fields
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 
@@ -160,8 +160,8 @@ def test_console_script_errors_without_traceback(tmp_path):
     result = run("sample", "--out", tmp_path)
     assert result.returncode == 2 and result.stdout == ""
     assert (
-        result.stderr.strip()
-        == f"makemore sample: error: {tmp_path / 'ckpt.pt'}: no checkpoint here; train one first with `makemore train --out {tmp_path}`"
+        result.stderr.strip() == f"makemore sample: error: {tmp_path / 'ckpt.pt'}: no checkpoint here; "
+        f"train one first with `makemore train --out {tmp_path}`"
     )
 
 

@@ -13,8 +13,8 @@ The Triton kernel's cases run in a subprocess with TRITON_INTERPRET=1 (tests/int
 
 import pytest
 import torch
-
 from interpreter import rerun_triton_cases
+
 from makemore.kernels import cross_entropy
 from makemore.kernels import loss as xent
 from makemore.models import (

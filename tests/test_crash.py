@@ -33,7 +33,24 @@ from makemore.train.lock import LOCK
 INTERVAL = 20  # steps between checkpoints, and between log lines
 # A tiny WaveNet at a constant learning rate (decay_at 1.0): the schedule then does not depend on
 # --max-steps, so a run started towards 10**6 steps and killed can be continued to any step.
-TINY = ["--data", "names", "--n-embd", 8, "--n-hidden", 16, "--batch-size", 32, "--decay-at", 1.0, "--log-interval", INTERVAL, "--checkpoint-interval", INTERVAL, "--dtype", "float32"]  # fmt: skip
+TINY = [
+    "--data",
+    "names",
+    "--n-embd",
+    8,
+    "--n-hidden",
+    16,
+    "--batch-size",
+    32,
+    "--decay-at",
+    1.0,
+    "--log-interval",
+    INTERVAL,
+    "--checkpoint-interval",
+    INTERVAL,
+    "--dtype",
+    "float32",
+]
 REPORTING = ["--eval-max-tokens", 1000, "--quiet", "--samples", 0]  # what a resumed run is given again
 STEPS = 160  # where the resumed runs and the uninterrupted reference stop
 TIMEOUT = 300  # seconds: a hang guard only; the machine may be shared and paused
@@ -221,8 +238,8 @@ def test_a_second_training_into_a_busy_directory_is_refused(tmp_path, capsys):
     assert first.poll() is None  # refused while the first was running
     err = capsys.readouterr().err
     assert (
-        err
-        == f"makemore train: error: {out} is in use by a running training (pid {first.pid}); wait for it or choose another --out\n"
+        err == f"makemore train: error: {out} is in use by a running training (pid {first.pid}); "
+        "wait for it or choose another --out\n"
     )
     code, first_err = finish(first)
     assert code == 0, first_err  # the first was not disturbed
@@ -264,7 +281,8 @@ def test_a_stale_lock_is_taken_over(tmp_path, dead_pid):
         ),
         (
             lambda: "4242 another-host",
-            "is in use by a training on host another-host (pid 4242); wait for it or choose another --out (if no training runs there, delete",
+            "is in use by a training on host another-host (pid 4242); "
+            "wait for it or choose another --out (if no training runs there, delete",
         ),
         (lambda: "", "which names no process; if no training runs there, delete it"),
     ],
@@ -377,11 +395,12 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint_which_resumes_at_a_lower
     )
     diverged = int(err.split("diverged at step ")[1].split(" ")[0])
     state = checkpoint.load(out / CHECKPOINT)
-    # The last checkpoint whose weights were checked (by the loss of the step after it) is kept; none after it was written.
+    # The last checkpoint whose weights were checked (by the loss of the step after it) is kept;
+    # none after it was written.
     assert state["step"] == (diverged - 2) // INTERVAL * INTERVAL > 0
     assert (
-        f"{out / CHECKPOINT} (step {state['step']}) is from before it: continue it with `makemore train --out {out} --resume --lr 1.5`"
-        in err
+        f"{out / CHECKPOINT} (step {state['step']}) is from before it: "
+        f"continue it with `makemore train --out {out} --resume --lr 1.5`" in err
     )
     assert "the learning rate is too high: lower --lr (now 15, " in err
     assert bool(torch.isfinite(state["losses"]).all()) and float(state["losses"].max()) < 3 * math.log(27)

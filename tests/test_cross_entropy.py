@@ -19,8 +19,8 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from interpreter import rerun_triton_cases
+
 from makemore.kernels import _torch, cross_entropy
 from makemore.kernels import loss as xent
 
@@ -251,7 +251,8 @@ def test_without_autograd_no_gradient_is_written(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_backward_recomputes_the_gradient(backend):
-    """The default mode keeps the logits, not a gradient: a retained graph backpropagates again, as F.cross_entropy's does."""
+    """The default mode keeps the logits, not a gradient:
+    a retained graph backpropagates again, as F.cross_entropy's does."""
     logits, target = make_case(4, 27, device=device_for(backend))
     x = logits.clone().requires_grad_()
     loss = cross_entropy(x, target, backend=backend, label_smoothing=0.1)
@@ -452,7 +453,8 @@ PASS_CASES = [(40, 65, None), (9, 96, None), (3, 20_000, None), (7, 65, 32), (5,
 @pytest.mark.parametrize("n, v, tile", PASS_CASES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_triton_default_mode_makes_three_passes(monkeypatch, n, v, tile, reduction):
-    """Forward reads the logits once and writes nothing (N, V)-sized; backward reads them once and writes the gradient once."""
+    """Forward reads the logits once and writes nothing (N, V)-sized;
+    backward reads them once and writes the gradient once."""
     if tile:
         monkeypatch.setattr(tk, "TILE", tile)
     logits, target = make_case(n, v, ignore="some")

@@ -192,10 +192,20 @@ def _spill_bytes(compiled, arch: int, bin_dir: Path) -> tuple[int, int, int]:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
         log = subprocess.run(
-            [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
-             str(ptx), "-o", str(Path(tmp) / "kernel.cubin")],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
+            [
+                get_ptxas(arch).path,
+                "-lineinfo",
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={sm_arch_from_capability(arch)}",
+                str(ptx),
+                "-o",
+                str(Path(tmp) / "kernel.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     stores, loads = (int(x) for x in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
     return regs, stores, loads
@@ -281,7 +291,8 @@ def test_every_configuration_compiles_for_sm80_and_sm90(compiled, capsys):
     with capsys.disabled():  # shown without -s
         most = max(row["regs"] for row in compiled)
         print(
-            f"\nAOT: {len(compiled)} distinct kernels compiled for sm_80 and sm_90 without errors, at most {most} registers a thread. TABLE:\n{table(compiled)}"
+            f"\nAOT: {len(compiled)} distinct kernels compiled for sm_80 and sm_90 without errors, "
+            f"at most {most} registers a thread. TABLE:\n{table(compiled)}"
         )
 
 

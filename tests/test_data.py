@@ -57,7 +57,8 @@ def test_windows_match_the_lectures_character_loop(names, names_vocab, block_siz
 
 @pytest.mark.parametrize("R", [1, 8])
 def test_sequence_batches_hold_exactly_the_windows(names, names_vocab, R):
-    """Whole items, left-padded with R zeros, in batches of similar length: the same (window, target) pairs, each once."""
+    """Whole items, left-padded with R zeros, in batches of similar length:
+    the same (window, target) pairs, each once."""
     source = data.LineSource(names[:200], names_vocab)
     batches = list(source.eval_batches("val", R, batch_tokens=64, max_tokens=10**9))
     assert len(batches) > 1 and max(b.idx.shape[1] for b in batches) == R + max(map(len, source.items("val")))

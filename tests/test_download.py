@@ -1,4 +1,5 @@
-"""Downloads, from a real HTTP server on 127.0.0.1: checked against their SHA-256, renamed into place whole or not at all."""
+"""Downloads, from a real HTTP server on 127.0.0.1: checked against their SHA-256,
+renamed into place whole or not at all."""
 
 import hashlib
 import socket
@@ -17,7 +18,8 @@ NAMES = b"anna\nbob\ncarl\ndora\nemil\nfrida\ngus\nhugo\nines\njon\n"
 
 @pytest.fixture
 def server():
-    """(routes, base URL): GET /path serves ``routes[path] = (body, declared length, seconds to stall after the body)``."""
+    """(routes, base URL): GET /path serves
+    ``routes[path] = (body, declared length, seconds to stall after the body)``."""
     routes, requests = {}, []
 
     class Handler(BaseHTTPRequestHandler):
@@ -122,7 +124,8 @@ def test_a_connection_that_drops_halfway_saves_nothing(server, data_dir, monkeyp
     register(monkeypatch, f"{base}/tiny.txt", NAMES)
     one_line_error(
         lambda: data.load_source("tiny"),
-        rf"could not download {base}/tiny.txt \(the connection closed with {len(NAMES) - 20} byte\(s\) still to come\); try again, or place the file at .*tiny.txt by hand",
+        rf"could not download {base}/tiny.txt \(the connection closed with {len(NAMES) - 20} byte\(s\) "
+        r"still to come\); try again, or place the file at .*tiny.txt by hand",
     )
     assert list(data_dir.iterdir()) == []
 

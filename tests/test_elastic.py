@@ -190,7 +190,8 @@ def readme_cluster_command() -> list[str]:
 
 
 def test_two_torchrun_agents_on_one_machine_train_as_one_process_on_the_concatenated_batch(tmp_path):
-    """The README's command on two "nodes" (both 127.0.0.1), one process each, with TINY's settings instead of the recipe.
+    """The README's command on two "nodes" (both 127.0.0.1), one process each,
+    with TINY's settings instead of the recipe.
     Tolerance as in test_distributed's two-process test (DDP's averaged float32 gradients against one pass)."""
     argv = readme_cluster_command()
     endpoint = argv[argv.index("--rdzv-endpoint") + 1]

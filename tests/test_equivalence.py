@@ -16,12 +16,12 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from orders import assert_orders_match_reference
 
 from makemore.check import TOLERANCES, compare, prepare, table
 from makemore.data import IGNORE_INDEX
 from makemore.models import WaveNet, WaveNetConfig
 from makemore.nn import BatchNorm1d, batch_norm_tanh
-from orders import assert_orders_match_reference
 
 # (block_size, n_embd, n_hidden, sequences, outputs per sequence, fused BatchNorm). T >= block_size
 # computes every level as a convolution; T < block_size leaves the upper levels to the per-window

@@ -37,7 +37,8 @@ class Trained(Exception):
 
 
 def invoke(*argv) -> tuple[object, str, mock.Mock, bool]:
-    """``makemore argv`` in this process with training stubbed out: (exit code or "trained", stderr, the stub, whether argparse refused it)."""
+    """``makemore argv`` in this process with training stubbed out:
+    (exit code or "trained", stderr, the stub, whether argparse refused it)."""
     err = io.StringIO()
     stub = mock.Mock(side_effect=Trained)
     by_argparse = False
@@ -88,7 +89,8 @@ NON_NEGATIVE = st.integers(max_value=-1) | HUGE
 
 
 def _floats(low, high, *, low_ok=True, high_ok=True):
-    """Text of finite floats below ``low`` or above ``high`` (or equal to a bound that is not ``_ok``), and non-finite ones."""
+    """Text of finite floats below ``low`` or above ``high`` (or equal to a bound that is not ``_ok``),
+    and non-finite ones."""
 
     def bad(x):
         return x < low or (x == low and not low_ok) or (high is not None and (x > high or (x == high and not high_ok)))

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-
 from interpreter import rerun_triton_cases
+
 from makemore.kernels import cross_entropy
 from makemore.kernels import loss as xent
 
@@ -96,7 +96,13 @@ def cases(draw, *, max_rows: int, max_v: int = 300, inplace: bool = True, dtypes
         described.append(text)
     target_layout = draw(st.sampled_from(["contiguous", "strided", "transposed"]))
     return dict(
-        lead=lead, v=v, layout=described, base_shape=shape, views=views[::-1], target_layout=target_layout, inplace_grad=inplace_grad,
+        lead=lead,
+        v=v,
+        layout=described,
+        base_shape=shape,
+        views=views[::-1],
+        target_layout=target_layout,
+        inplace_grad=inplace_grad,
         dtype=draw(st.sampled_from(dtypes)),
         target_dtype=draw(st.sampled_from([torch.int64, torch.int32])),
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
@@ -107,7 +113,7 @@ def cases(draw, *, max_rows: int, max_v: int = 300, inplace: bool = True, dtypes
         extremes=draw(st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(EXTREMES)), max_size=3)),
         upstream=draw(st.sampled_from([1.0, -2.5, "random"])),
         seed=draw(st.integers(0, 2**31 - 1)),
-    )  # fmt: skip
+    )
 
 
 def _targets(case, gen) -> torch.Tensor:
@@ -256,7 +262,10 @@ def test_fuzz_out_of_range_target_names_its_position(backend, lead, v, bad, targ
         target = target.transpose(0, 1).contiguous().transpose(0, 1)
     target[position] = value
     target = target.to(target_dtype)
-    expected = rf"target\[{', '.join(map(str, position))}\] = {value} is out of range: class indices must be in \[0, {v}\) or equal ignore_index=-100"
+    expected = (
+        rf"target\[{', '.join(map(str, position))}\] = {value} is out of range: "
+        rf"class indices must be in \[0, {v}\) or equal ignore_index=-100"
+    )
     with pytest.raises(ValueError, match=expected):
         cross_entropy(logits, target, backend=backend)
     assert logits.grad is None

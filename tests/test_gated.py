@@ -13,9 +13,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from orders import assert_orders_match_reference
 
 from makemore.models import GatedWaveNet, GatedWaveNetConfig
-from orders import assert_orders_match_reference
 
 # (n_levels, stacks, sequences, outputs per sequence): receptive fields 2, 8, 10, 31, 256, 1024.
 CASES = [(1, 1, 3, 5), (3, 1, 2, 9), (2, 3, 2, 6), (4, 2, 2, 7), (8, 1, 2, 4), (10, 1, 1, 3)]
@@ -107,7 +107,8 @@ def test_config_errors(kw, message):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("residual", [True, False])
 def test_hand_written_backward_is_the_gradient(p, residual):
-    """gradcheck in float64; the dropout mask is drawn from a reseeded generator, so every evaluation uses the same one."""
+    """gradcheck in float64; the dropout mask is drawn from a reseeded generator,
+    so every evaluation uses the same one."""
     from makemore.models.gated import _DilatedGated
 
     gen = torch.Generator().manual_seed(0)

@@ -9,9 +9,19 @@ import torch.nn.functional as F
 
 from makemore.data import IGNORE_INDEX, Batch
 from makemore.models import (
-    MLP, GatedWaveNet, GatedWaveNetConfig, MLPConfig, NeuralBigram, NeuralBigramConfig, NGram, NGramConfig, Transformer,
-    TransformerConfig, WaveNet, WaveNetConfig,
-)  # fmt: skip
+    MLP,
+    GatedWaveNet,
+    GatedWaveNetConfig,
+    MLPConfig,
+    NeuralBigram,
+    NeuralBigramConfig,
+    NGram,
+    NGramConfig,
+    Transformer,
+    TransformerConfig,
+    WaveNet,
+    WaveNetConfig,
+)
 from makemore.models.base import CUDAGraphed, sample_next
 
 
@@ -45,7 +55,8 @@ def test_parameter_counts(model, count):
     ids=["trigram", "bigram-nn", "mlp", "wavenet", "wavenet-windows"],
 )
 def test_every_model_keeps_the_contract(make):
-    """forward(idx (N, L), targets (N, T)) -> (logits (N, T, V), loss), T = L - R + 1; output j is the window ending at j + R - 1."""
+    """forward(idx (N, L), targets (N, T)) -> (logits (N, T, V), loss), T = L - R + 1;
+    output j is the window ending at j + R - 1."""
     torch.manual_seed(0)
     model = make().eval()
     R = model.receptive_field
@@ -227,7 +238,8 @@ def test_sampling_is_the_generators():
     ids=["wavenet", "gated", "mlp"],
 )
 def test_generate_is_the_plain_loop(make):
-    """generate's in-place loop over static buffers (what a CUDA graph replays) against prefill, sample, step written out."""
+    """generate's in-place loop over static buffers (what a CUDA graph replays)
+    against prefill, sample, step written out."""
     torch.manual_seed(0)
     model = make().eval()
     idx = torch.randint(1, 27, (3, 4))

@@ -1,4 +1,5 @@
-"""The results table is generated (bench/results.py): from run records, race and study JSON, into README and docs/results.md.
+"""The results table is generated (bench/results.py): from run records, race and study JSON,
+into README and docs/results.md.
 
 Each val says whose weights it is: the best checkpoint's where a race or study run kept one (with its step and time,
 the last weights' beside it), else the last weights' (every record written before best checkpoints existed).
@@ -16,7 +17,8 @@ DAY = {day: datetime.date(2026, 11, day).isoformat() for day in (23, 26, 27, 28)
 
 
 def repo(tmp_path: Path, records: dict) -> Path:
-    """A repository with runs.json ``records``, a 60 s race, a context study, a benchmark report and a README to fill."""
+    """A repository with runs.json ``records``, a 60 s race, a context study,
+    a benchmark report and a README to fill."""
     root = tmp_path / "repo"
     (root / "docs/results").mkdir(parents=True)
     (root / "docs/race").mkdir()
@@ -24,17 +26,64 @@ def repo(tmp_path: Path, records: dict) -> Path:
     (root / "docs/benchmarks").mkdir()
     (root / results.RUNS_JSON).write_text(json.dumps({"records": records}))
     machine = {"cpu": "Test CPU", "cores": 2, "gpu": None, "load_average": [0.25, 0.5, 1.0]}
-    race = {"command": "python -m bench.race --data tinyshakespeare --budget 60", "date": DAY[27], "machine": machine, "budget": 60.0, "rows": [
-        {"recipe": "shakespeare-60s", "model": "gated", "params": 255489, "steps": 3079, "train_seconds": 60.003, "train": 1.30807, "own_val": 1.61149,
-         "val": 1.61149, "val_targets": 111284, "device": "cpu", "dtype": "bfloat16", "best_val": 1.59002, "best_step": 2500, "best_seconds": 49.7,
-         "flops_per_step": 2.5e9, "mfu": 0.1234},
-        {"recipe": "transformer-60s", "model": "transformer", "params": 795904, "steps": 1019, "train_seconds": 60.04, "train": 1.51167, "own_val": 1.70213,
-         "val": 1.70241, "val_targets": 111284},
-    ]}  # fmt: skip
+    race = {
+        "command": "python -m bench.race --data tinyshakespeare --budget 60",
+        "date": DAY[27],
+        "machine": machine,
+        "budget": 60.0,
+        "rows": [
+            {
+                "recipe": "shakespeare-60s",
+                "model": "gated",
+                "params": 255489,
+                "steps": 3079,
+                "train_seconds": 60.003,
+                "train": 1.30807,
+                "own_val": 1.61149,
+                "val": 1.61149,
+                "val_targets": 111284,
+                "device": "cpu",
+                "dtype": "bfloat16",
+                "best_val": 1.59002,
+                "best_step": 2500,
+                "best_seconds": 49.7,
+                "flops_per_step": 2.5e9,
+                "mfu": 0.1234,
+            },
+            {
+                "recipe": "transformer-60s",
+                "model": "transformer",
+                "params": 795904,
+                "steps": 1019,
+                "train_seconds": 60.04,
+                "train": 1.51167,
+                "own_val": 1.70213,
+                "val": 1.70241,
+                "val_targets": 111284,
+            },
+        ],
+    }
     (root / "docs/race/race-60s.json").write_text(json.dumps(race))
-    scaling = {"command": "python -m bench.scaling", "date": DAY[28], "machine": machine, "budget": 180.0, "loss": [
-        {"recipe": "shakespeare-3m", "model": "gated", "R": 1024, "params": 600000, "steps": 900, "train_seconds": 180.0, "train": 1.4, "val": 1.55561, "val_targets": 100000},
-    ], "speed": []}  # fmt: skip
+    scaling = {
+        "command": "python -m bench.scaling",
+        "date": DAY[28],
+        "machine": machine,
+        "budget": 180.0,
+        "loss": [
+            {
+                "recipe": "shakespeare-3m",
+                "model": "gated",
+                "R": 1024,
+                "params": 600000,
+                "steps": 900,
+                "train_seconds": 180.0,
+                "train": 1.4,
+                "val": 1.55561,
+                "val_targets": 100000,
+            },
+        ],
+        "speed": [],
+    }
     (root / "docs/scaling/scaling.json").write_text(json.dumps(scaling))
     (root / "docs/benchmarks/results.json").write_text(
         json.dumps({"date": f"{DAY[26]}T10:00:00+00:00", "device": "CPU", "command": "python -m bench --budget 480"})
@@ -48,9 +97,23 @@ def block(text: str) -> str:
 
 
 def test_the_table_holds_every_record_race_and_study_row_and_check_catches_a_stale_readme(tmp_path, capsys):
-    record = {"recipe": "fast", "model": "wavenet", "params": 76579, "steps": 600, "train_seconds": 10.0, "train": 1.99, "val": "2.036–2.064",
-              "test": 2.0501, "device": "cpu", "dtype": "float32", "machine": "Test CPU, 2 cores", "date": DAY[23],
-              "command": "makemore train --recipe fast", "source": "recorded before bench.results existed", "notes": "6 runs"}  # fmt: skip
+    record = {
+        "recipe": "fast",
+        "model": "wavenet",
+        "params": 76579,
+        "steps": 600,
+        "train_seconds": 10.0,
+        "train": 1.99,
+        "val": "2.036–2.064",
+        "test": 2.0501,
+        "device": "cpu",
+        "dtype": "float32",
+        "machine": "Test CPU, 2 cores",
+        "date": DAY[23],
+        "command": "makemore train --recipe fast",
+        "source": "recorded before bench.results existed",
+        "notes": "6 runs",
+    }
     root = repo(tmp_path, {"fast": record})
     assert results.main(["--check", "--root", str(root)]) == 1
     assert "README.md" in capsys.readouterr().err
@@ -66,11 +129,13 @@ def test_the_table_holds_every_record_race_and_study_row_and_check_catches_a_sta
         f"| Test CPU, 2 cores | {DAY[23]} † | `makemore train --recipe fast` | 6 runs |",
         "| `shakespeare-60s`, race 60 s | gated | 255,489 | 3,079 | 60 s | 1.3081 "
         "| **1.5900** best (step 2,500, 49.7 s); 1.6115 last | — | cpu, bfloat16 "
-        f"| Test CPU, 2 cores, load 0.2 at the start | {DAY[27]} | `python -m bench.race --data tinyshakespeare --budget 60` "
+        f"| Test CPU, 2 cores, load 0.2 at the start | {DAY[27]} | "
+        "`python -m bench.race --data tinyshakespeare --budget 60` "
         "| race at 60 s against transformer-60s: val on the same 111,284 targets (the run's own val 1.6115); "
         "2.5 GFLOP a step, MFU 12.3% of the bfloat16 matmul peak measured there |",
         "| `transformer-60s`, race 60 s | transformer | 795,904 | 1,019 | 60 s | 1.5117 | **1.7024** last | — | cpu "
-        f"| Test CPU, 2 cores, load 0.2 at the start | {DAY[27]} | `python -m bench.race --data tinyshakespeare --budget 60` "
+        f"| Test CPU, 2 cores, load 0.2 at the start | {DAY[27]} | "
+        "`python -m bench.race --data tinyshakespeare --budget 60` "
         "| race at 60 s against shakespeare-60s: val on the same 111,284 targets (the run's own val 1.7021) |",
         "| `shakespeare-3m` at R 1,024 | gated | 600,000 | 900 | 180 s | 1.4000 | **1.5556** last | — | cpu "
         f"| Test CPU, 2 cores | {DAY[28]} | `python -m bench.scaling` "

@@ -40,7 +40,8 @@ def test_a_signal_checkpoints_and_the_run_resumes_to_the_uninterrupted_one(tmp_p
     stopped = state["step"]
     lines = [line for line in err.splitlines() if line.startswith("makemore train:")]
     assert lines == [
-        f"makemore train: stopped by {signal.Signals(signum).name} at step {stopped}; checkpoint {out / CHECKPOINT} written; "
+        f"makemore train: stopped by {signal.Signals(signum).name} at step {stopped}; "
+        f"checkpoint {out / CHECKPOINT} written; "
         f"continue with: makemore train --out {out} --resume"
     ], err
     assert "Traceback" not in err and not (out / LOCK).exists() and not temporaries(out)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from makemore import checkpoint, data
-from makemore.models import WaveNet, WaveNetConfig, build_model
-from makemore.train import CHECKPOINT, METRICS, RECIPES, loop, make_configs, saver, train
 from makemore import device as device_module
 from makemore.device import resolve_device, resolve_dtype
+from makemore.models import WaveNet, WaveNetConfig, build_model
+from makemore.train import CHECKPOINT, METRICS, RECIPES, loop, make_configs, saver, train
 from makemore.train.optim import learning_rate
 
 
@@ -101,7 +101,8 @@ def test_resume_continues_exactly(tmp_path, settings):
 
 
 def test_a_time_budget_stops_training_at_the_first_step_that_reaches_it(tmp_path, monkeypatch):
-    """A fake training clock that advances 0.25 s per step: a 1 s budget is 4 steps, and the cosine schedule follows it."""
+    """A fake training clock that advances 0.25 s per step: a 1 s budget is 4 steps,
+    and the cosine schedule follows it."""
     ticks = iter(range(10**6))
     monkeypatch.setattr(loop, "clock", lambda: 0.25 * next(ticks))  # read at each step's start and end: 0.25 s a step
     settings = dict(
@@ -140,9 +141,18 @@ def loop_batches(config, model_config, steps: int):
 # The gated model (no batch statistics) on windows (one target per row): the mean of the micro-batches' mean
 # losses is the mean over their concatenation, so accumulation must equal one step on the large batch.
 ACCUM = dict(
-    model="gated", n_embd=8, n_hidden=8, n_skip=8, n_levels=3, batch_size=8, grad_accum=4, max_steps=3, decay_at=1.0, log_interval=1,
+    model="gated",
+    n_embd=8,
+    n_hidden=8,
+    n_skip=8,
+    n_levels=3,
+    batch_size=8,
+    grad_accum=4,
+    max_steps=3,
+    decay_at=1.0,
+    log_interval=1,
     eval_max_tokens=1000,
-)  # fmt: skip
+)
 
 
 def test_gradient_accumulation_equals_the_step_on_the_concatenated_batch(tmp_path):
@@ -305,9 +315,19 @@ def test_wavenet_trains_on_a_stream_with_a_long_context_through_the_convolution(
     path = tmp_path / "stream.txt"
     path.write_text("the quick brown fox. jumps over the lazy dog.\n" * 400)
     config, model_config, out = quick(
-        tmp_path, data=str(path), kind="stream", layout="sequences", block_size=1024, n_embd=8, n_hidden=16,
-        seq_len=32, batch_size=4, max_steps=100, optimizer="adamw", lr=1e-2,
-    )  # fmt: skip
+        tmp_path,
+        data=str(path),
+        kind="stream",
+        layout="sequences",
+        block_size=1024,
+        n_embd=8,
+        n_hidden=16,
+        seq_len=32,
+        batch_size=4,
+        max_steps=100,
+        optimizer="adamw",
+        lr=1e-2,
+    )
     result = train(config, model_config, out, progress=False)
     assert result["val"] < 2.0
 

@@ -33,7 +33,7 @@ def make(block_size, n_layer, seed=0, vocab_size=11, **kw) -> Transformer:
     )
     model = Transformer(config)
     with torch.no_grad():  # away from init (N(0, 0.02)): unit-scale logits and gains, so that no term can hide
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             p.copy_(1 + 0.3 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[-1] ** 0.5)
     return model
 
@@ -199,9 +199,42 @@ def test_trains_saves_and_samples_through_the_cli(tmp_path, capsys):
     from makemore.cli import load_model, main
 
     out = tmp_path / "run"
-    argv = ["train", "--model", "transformer", "--block-size", "16", "--n-layer", "2", "--n-head", "2", "--n-embd", "16",
-            "--data", "tinyshakespeare", "--layout", "sequences", "--seq-len", "32", "--batch-size", "4", "--optimizer", "adamw",
-            "--lr", "3e-3", "--min-lr", "3e-4", "--max-steps", "3", "--eval-max-tokens", "2000", "--quiet", "--samples", "0", "--out", str(out)]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        "transformer",
+        "--block-size",
+        "16",
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "16",
+        "--data",
+        "tinyshakespeare",
+        "--layout",
+        "sequences",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "3e-3",
+        "--min-lr",
+        "3e-4",
+        "--max-steps",
+        "3",
+        "--eval-max-tokens",
+        "2000",
+        "--quiet",
+        "--samples",
+        "0",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     model, state = load_model(out)
     assert isinstance(model, Transformer) and model.receptive_field == 16 and state["step"] == 3
@@ -211,8 +244,9 @@ def test_trains_saves_and_samples_through_the_cli(tmp_path, capsys):
 
 
 def test_two_processes_train_as_one_on_the_global_batch(tmp_path):
-    """Under torchrun (gloo), 2 processes x 8 windows: the parameters after 3 AdamW steps are one process's on the 16 rows
-    (the tolerance is test_distributed's: float32 rounding of the averaged gradients, where one wrong batch moves ~lr)."""
+    """Under torchrun (gloo), 2 processes x 8 windows: the parameters after 3 AdamW steps are one process's on the
+    16 rows (the tolerance is test_distributed's: float32 rounding of the averaged gradients, where one wrong batch
+    moves ~lr)."""
     from test_distributed import REPORTING, flags, single_process_on_the_global_batch, torchrun
 
     from makemore import checkpoint

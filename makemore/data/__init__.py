@@ -7,12 +7,45 @@
 from .batches import LAYOUTS, Batch, ItemSet, LineSource, StreamSource, load_source
 from .registry import DATASETS, KINDS, DatasetInfo, download, resolve, url_info
 from .text import (
-    BOUNDARY, IGNORE_INDEX, DataError, Vocab, check_sha256, lecture_order, lecture_split, line_pieces, read_lines, read_text,
-    split_sizes, stream_split, text_pieces,
-)  # fmt: skip
+    BOUNDARY,
+    IGNORE_INDEX,
+    DataError,
+    Vocab,
+    check_sha256,
+    lecture_order,
+    lecture_split,
+    line_pieces,
+    read_lines,
+    read_text,
+    split_sizes,
+    stream_split,
+    text_pieces,
+)
 
 __all__ = [
-    "LAYOUTS", "Batch", "ItemSet", "LineSource", "StreamSource", "load_source", "DATASETS", "KINDS", "DatasetInfo", "download",
-    "resolve", "url_info", "BOUNDARY", "IGNORE_INDEX", "DataError", "Vocab", "check_sha256", "lecture_order", "lecture_split",
-    "line_pieces", "read_lines", "read_text", "split_sizes", "stream_split", "text_pieces",
-]  # fmt: skip
+    "LAYOUTS",
+    "Batch",
+    "ItemSet",
+    "LineSource",
+    "StreamSource",
+    "load_source",
+    "DATASETS",
+    "KINDS",
+    "DatasetInfo",
+    "download",
+    "resolve",
+    "url_info",
+    "BOUNDARY",
+    "IGNORE_INDEX",
+    "DataError",
+    "Vocab",
+    "check_sha256",
+    "lecture_order",
+    "lecture_split",
+    "line_pieces",
+    "read_lines",
+    "read_text",
+    "split_sizes",
+    "stream_split",
+    "text_pieces",
+]

@@ -50,7 +50,8 @@ class Batch:
 def load_source(
     data: str, kind: str = "auto", *, seed: int = 42, vocab: Vocab | None = None
 ) -> "LineSource | StreamSource":
-    """The data set ``data`` (a registered name, a path or a URL) as a source; ``vocab``: a trained model's, to encode with.
+    """The data set ``data`` (a registered name, a path or a URL) as a source;
+    ``vocab``: a trained model's, to encode with.
 
     The file is read twice, a piece at a time: once to check it and count its characters (and,
     without ``vocab``, to find them), once to encode it into a tensor of that size, so it never
@@ -85,7 +86,8 @@ class LineSource:
 
     @classmethod
     def from_file(cls, path, vocab: Vocab | None = None, *, seed: int = 42) -> "LineSource":
-        """A file's items, read in pieces (see ``line_pieces``); ``vocab``: a trained model's, else the file's characters."""
+        """A file's items, read in pieces (see ``line_pieces``); ``vocab``: a trained model's,
+        else the file's characters."""
         lengths, expected, chars = array("i"), [], set()
         for items in line_pieces(path, vocab):
             piece = _lengths(items, path)
@@ -191,7 +193,8 @@ class LineSource:
         return self.pairs(split, torch.arange(self.n_targets(split)), R)
 
     def rows(self, split: str, items: torch.Tensor, R: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Items number ``items`` of ``split`` as rows (k, R + width): [0] * R + item + [0] * (width - len), and lengths (k,)."""
+        """Items number ``items`` of ``split`` as rows (k, R + width): [0] * R + item + [0] * (width - len),
+        and lengths (k,)."""
         a, _ = self._bounds[split]
         start = self.starts[items + a].long()
         lengths = self.starts[items + a + 1].long() - start - 1
@@ -206,7 +209,8 @@ class LineSource:
     def batch(
         self, split: str, batch_size: int, layout: str, R: int, generator: torch.Generator, seq_len: int = 0
     ) -> Batch:
-        """A random batch: ``batch_size`` windows, or ``batch_size`` whole items (``seq_len`` unused: items are whole)."""
+        """A random batch: ``batch_size`` windows, or ``batch_size`` whole items
+        (``seq_len`` unused: items are whole)."""
         if layout == "windows":
             ix = torch.randint(0, self.n_targets(split), (batch_size,), generator=generator)  # the lecture's draw
             X, Y = self.pairs(split, ix, R)
@@ -303,7 +307,8 @@ class StreamSource:
 
     @classmethod
     def from_file(cls, path, vocab: Vocab | None = None) -> "StreamSource":
-        """A file's text, read in pieces (see ``text_pieces``); ``vocab``: a trained model's, else the file's characters."""
+        """A file's text, read in pieces (see ``text_pieces``); ``vocab``: a trained model's,
+        else the file's characters."""
         n, chars, blank = 0, set(), True
         for _, text in text_pieces(path):
             n += len(text)
@@ -339,7 +344,8 @@ class StreamSource:
     def batch(
         self, split: str, batch_size: int, layout: str, R: int, generator: torch.Generator, seq_len: int = 1
     ) -> Batch:
-        """``batch_size`` random windows of the text: R tokens of context and 1 target (windows) or ``seq_len`` targets."""
+        """``batch_size`` random windows of the text: R tokens of context and 1 target (windows)
+        or ``seq_len`` targets."""
         T = 1 if layout == "windows" else seq_len
         ids = self.ids[split]
         self._check_span(split, R + T)
@@ -348,7 +354,8 @@ class StreamSource:
         return Batch(spans[:, :-1], spans[:, R:])
 
     def eval_batches(self, split: str, R: int, batch_tokens: int, max_tokens: int):
-        """Consecutive chunks that predict every token after the first R once; above ``max_tokens`` an evenly spaced subset of chunks."""
+        """Consecutive chunks that predict every token after the first R once;
+        above ``max_tokens`` an evenly spaced subset of chunks."""
         ids = self.ids[split]
         self._check_span(split, R + 1)
         T = max(EVAL_CHUNK, R)

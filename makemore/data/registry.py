@@ -121,7 +121,8 @@ def download(info: DatasetInfo, path: Path, chunk: int = 1 << 20) -> None:
             # IncompleteRead and the other HTTPExceptions are no OSErrors; ValueError: a malformed URL
             except (OSError, http.client.HTTPException, ValueError) as e:
                 raise DataError(
-                    f"could not download {info.url} ({_reason(e)}); try again, or place the file at {path} by hand (SHA-256 {info.sha256})"
+                    f"could not download {info.url} ({_reason(e)}); "
+                    f"try again, or place the file at {path} by hand (SHA-256 {info.sha256})"
                 ) from None
             out.flush()
             os.fsync(out.fileno())  # the bytes are on disk before the name points at them

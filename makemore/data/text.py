@@ -120,8 +120,8 @@ def line_pieces(path: Path, vocab: "Vocab | None" = None) -> Iterator[list[str]]
             )
             if BOUNDARY in line:
                 raise DataError(
-                    f"{path}:{first_line + number}: {line[:40]!r} contains {BOUNDARY!r}, the boundary token of line data; "
-                    "remove it, or read the file as one text with --kind stream"
+                    f"{path}:{first_line + number}: {line[:40]!r} contains {BOUNDARY!r}, "
+                    "the boundary token of line data; remove it, or read the file as one text with --kind stream"
                 )
             raise _unknown_character(
                 f"{path}:{first_line + number}", next(ch for ch in line if ch not in allowed), len(allowed)
@@ -173,7 +173,8 @@ def _decode(path: Path, buf: bytearray, cut: int, line: int) -> str:
             text = str(view[:cut], "utf-8")
     except UnicodeDecodeError as e:
         raise DataError(
-            f"{path}:{line + _line_ends(buf, e.start)}: not valid UTF-8 (byte 0x{buf[e.start]:02x}); convert the file to UTF-8"
+            f"{path}:{line + _line_ends(buf, e.start)}: not valid UTF-8 (byte 0x{buf[e.start]:02x}); "
+            "convert the file to UTF-8"
         ) from None
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")

@@ -24,7 +24,23 @@ def build_model(name: str, config) -> LanguageModel:
 
 
 __all__ = [
-    "LanguageModel", "MODELS", "build_model", "NGram", "NGramConfig", "NeuralBigram", "NeuralBigramConfig",
-    "MLP", "MLPConfig", "ORDERS", "TreeBlock", "WaveNet", "WaveNetConfig",
-    "GATED_ORDERS", "GatedLayer", "GatedWaveNet", "GatedWaveNetConfig", "Transformer", "TransformerConfig",
-]  # fmt: skip
+    "LanguageModel",
+    "MODELS",
+    "build_model",
+    "NGram",
+    "NGramConfig",
+    "NeuralBigram",
+    "NeuralBigramConfig",
+    "MLP",
+    "MLPConfig",
+    "ORDERS",
+    "TreeBlock",
+    "WaveNet",
+    "WaveNetConfig",
+    "GATED_ORDERS",
+    "GatedLayer",
+    "GatedWaveNet",
+    "GatedWaveNetConfig",
+    "Transformer",
+    "TransformerConfig",
+]

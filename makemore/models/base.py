@@ -27,9 +27,11 @@ from ..kernels import cross_entropy
 class LanguageModel(nn.Module):
     vocab_size: int
     receptive_field: int  # R: the tokens one prediction sees
-    # Fitted in one pass over the data by ``fit(batches)`` (counts, the lecture's full-batch bigram), not trained in steps.
+    # Fitted in one pass over the data by ``fit(batches)`` (counts, the lecture's full-batch bigram),
+    # not trained in steps.
     fitted: bool = False
-    # Normalises over the batch (BatchNorm): one row alone has no variance, and DDP's ranks would see different statistics.
+    # Normalises over the batch (BatchNorm): one row alone has no variance,
+    # and DDP's ranks would see different statistics.
     batch_statistics: bool = False
     # The loss writes its gradient over the logits during forward (cross_entropy's inplace_grad: 2 passes over the
     # logits instead of 3). Only for a forward whose logits nothing else reads afterwards: the trainer sets it.
@@ -57,7 +59,8 @@ class LanguageModel(nn.Module):
         bad = (idx < 0) | (idx >= self.vocab_size)
         if idx.numel() and bad.any():  # (an empty prompt, the usual start, costs no host read)
             raise ValueError(
-                f"token id {idx[bad][0].item()} is out of range for a vocabulary of {self.vocab_size} (valid: 0..{self.vocab_size - 1})"
+                f"token id {idx[bad][0].item()} is out of range for a vocabulary of {self.vocab_size} "
+                f"(valid: 0..{self.vocab_size - 1})"
             )
 
     # Generation: prefill the context, then one step per new token.
@@ -70,7 +73,8 @@ class LanguageModel(nn.Module):
         return self(window)[0][:, -1], window
 
     def step(self, token: torch.Tensor, cache):
-        """Append ``token (N,)`` to the sequence ``cache`` ends: (logits (N, V) for the next token, the cache, updated in place)."""
+        """Append ``token (N,)`` to the sequence ``cache`` ends:
+        (logits (N, V) for the next token, the cache, updated in place)."""
         cache.copy_(torch.cat([cache[:, 1:], token[:, None]], dim=1))  # the window moves on by one token
         return self(cache)[0][:, -1], cache
 
@@ -123,7 +127,8 @@ def next_token(step, token: torch.Tensor, cache, sample) -> None:
     logits, returned = step(token, cache)
     if returned is not cache:  # a new cache object would be dropped here (and is not capturable)
         raise TypeError(
-            "a model's step must update its cache in place and return that same cache (static buffers: see makemore/models/base.py)"
+            "a model's step must update its cache in place and return that same cache "
+            "(static buffers: see makemore/models/base.py)"
         )
     token.copy_(sample(logits))
 

@@ -152,7 +152,7 @@ class _DilatedGated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz, dx_next):
         x, weight, res_weight, t, s, z, keep = ctx.saved_tensors  # x, weights, activations in the GEMMs' dtype
-        d, (M, C), G, dtype = ctx.d, x.shape, t.shape[1], z.dtype
+        d, (M, C), dtype = ctx.d, x.shape, z.dtype
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         with torch.autocast(x.device.type, enabled=False):
             dz = torch.zeros_like(z) if dz is None else dz.to(dtype)
@@ -285,5 +285,6 @@ class GatedWaveNet(LanguageModel):
 
 
 def _unflat(x: torch.Tensor, N: int, L: int, shift: int) -> torch.Tensor:
-    """Rows of a level that has lost ``shift`` rows from the front, as (N, L, ...): [n, j] is position j + shift of sequence n."""
+    """Rows of a level that has lost ``shift`` rows from the front, as (N, L, ...):
+    [n, j] is position j + shift of sequence n."""
     return F.pad(x, (0, 0, 0, shift)).view(N, L, *x.shape[1:])

@@ -28,7 +28,8 @@ class NGramConfig:
         entries = self.vocab_size ** min(self.n, 64)
         if entries > MAX_COUNTS:
             raise ValueError(
-                f"--n {self.n} needs a count table of {self.vocab_size}^{self.n} entries for a vocabulary of {self.vocab_size}, "
+                f"--n {self.n} needs a count table of {self.vocab_size}^{self.n} entries "
+                f"for a vocabulary of {self.vocab_size}, "
                 f"above the limit of {MAX_COUNTS:,} (256 MiB of counts); use a smaller --n"
             )
 
@@ -97,7 +98,8 @@ class NeuralBigram(LanguageModel):
         return logits, self.loss(logits, targets)
 
     def fit(self, batches, *, steps: int = 200, lr: float = 50.0, weight_decay: float = 0.01) -> "NeuralBigram":
-        """The lecture's full-batch gradient descent over every pair of ``batches``, with its (W**2).mean() regulariser."""
+        """The lecture's full-batch gradient descent over every pair of ``batches``,
+        with its (W**2).mean() regulariser."""
         batches = list(batches)
         prev = torch.cat(
             [b.idx[:, -b.targets.shape[1] :].flatten() for b in batches]

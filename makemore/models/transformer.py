@@ -78,14 +78,16 @@ class TransformerConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(
-                f"--n-embd ({self.n_embd}) must be a multiple of 2 x --n-head ({self.n_head}): rotary positions rotate pairs of each head's channels"
+                f"--n-embd ({self.n_embd}) must be a multiple of 2 x --n-head ({self.n_head}): "
+                "rotary positions rotate pairs of each head's channels"
             )
         if self.block_size > 1 << 20:  # each window's rotation table and mask are tabled whole
             raise ValueError(f"--block-size must be <= {1 << 20} for the transformer, got {self.block_size}")
 
     @property
     def windows(self) -> list[int]:
-        """Each layer's attention window W_k, sum (W_k - 1) = R - 1, as equal as they can be (the later layers the larger)."""
+        """Each layer's attention window W_k, sum (W_k - 1) = R - 1,
+        as equal as they can be (the later layers the larger)."""
         base, extra = divmod(self.block_size - 1, self.n_layer)
         return [1 + base + (k >= self.n_layer - extra) for k in range(self.n_layer)]
 
@@ -127,7 +129,8 @@ class SlidingWindowAttention(nn.Module):
         nb = -(-T // Q)  # query blocks; the last one padded at the end (its padding never reaches a kept output)
         pad = nb * Q - T
         q = F.pad(q, (0, 0, 0, 0, 0, pad)).view(N, nb, Q, H, D).transpose(2, 3).reshape(N * nb, H, Q, D)
-        # block b's keys: positions bQ .. bQ + Q + W - 2 (overlapping windows, copied: SDPA's fast kernels take 4-D tensors)
+        # block b's keys: positions bQ .. bQ + Q + W - 2
+        # (overlapping windows, copied: SDPA's fast kernels take 4-D tensors)
         k, v = (
             F.pad(t, (0, 0, 0, 0, 0, pad)).unfold(1, Q + W - 1, Q).transpose(-1, -2).reshape(N * nb, H, Q + W - 1, D)
             for t in (k, v)
@@ -137,7 +140,8 @@ class SlidingWindowAttention(nn.Module):
         return F.dropout(self.c_proj(y), self.dropout, self.training)
 
     def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x (N, C) at position ``pos`` -> (N, C); writes its key and value into the rings (N, H, W, D), slot pos mod W."""
+        """x (N, C) at position ``pos`` -> (N, C);
+        writes its key and value into the rings (N, H, W, D), slot pos mod W."""
         N, C = x.shape
         H, W = self.n_head, self.window
         q, k, v = self.c_attn(x).view(N, 3, H, 1, C // H).unbind(1)  # (N, H, 1, D) each
@@ -218,7 +222,8 @@ class Block(nn.Module):
 
 
 class Transformer(LanguageModel):
-    """Token embedding -> n_layer Blocks with sliding-window attention -> LayerNorm -> Linear (tied to the embedding)."""
+    """Token embedding -> n_layer Blocks with sliding-window attention
+    -> LayerNorm -> Linear (tied to the embedding)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -273,7 +278,8 @@ class Transformer(LanguageModel):
 
 
 class KVCache:
-    """Per layer its input's last W keys (before rotation) and values, rings (N, H, W, D); ``pos``, the next position (0-dim int64)."""
+    """Per layer its input's last W keys (before rotation) and values, rings (N, H, W, D);
+    ``pos``, the next position (0-dim int64)."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], pos: torch.Tensor):
         self.keys, self.values, self.pos = keys, values, pos

@@ -53,7 +53,8 @@ class WaveNetConfig:
     order: str = field(
         default="conv",
         metadata={
-            "help": "evaluation order: conv (shifted-view matmuls), conv1d (F.conv1d) or windows (per window, the lecture's form)",
+            "help": "evaluation order: conv (shifted-view matmuls), conv1d (F.conv1d) "
+            "or windows (per window, the lecture's form)",
             "choices": ORDERS,
         },
     )
@@ -68,7 +69,8 @@ class WaveNetConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.block_size < 2 or self.block_size & (self.block_size - 1):
             raise ValueError(
-                f"--block-size must be a power of two >= 2 for the wavenet (the tree halves the window at each level), got {self.block_size}"
+                "--block-size must be a power of two >= 2 for the wavenet (the tree halves the window at each level), "
+                f"got {self.block_size}"
             )
         if self.order not in ORDERS:
             raise ValueError(f"--order must be one of {', '.join(ORDERS)}, got {self.order!r}")
@@ -79,7 +81,8 @@ class WaveNetConfig:
 
 
 class TreeBlock(nn.Module):
-    """One level of the lecture's tree: tanh(BN([left; right] @ W)), W (2·C_in, C_out), rows :C_in for the left child."""
+    """One level of the lecture's tree: tanh(BN([left; right] @ W)), W (2·C_in, C_out),
+    rows :C_in for the left child."""
 
     def __init__(self, c_in: int, c_out: int, fused: bool = False):
         super().__init__()

@@ -4,8 +4,8 @@
 from .config import TrainConfig, make_configs
 from .evaluate import estimate_loss, evaluate
 from .loop import train
-from .run import BEST, CHECKPOINT, LOSS_PLOT, METRICS
 from .recipes import RECIPES
+from .run import BEST, CHECKPOINT, LOSS_PLOT, METRICS
 
 __all__ = [
     "RECIPES",

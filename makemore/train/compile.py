@@ -63,7 +63,10 @@ def mismatch(run: Run, candidate, batch) -> str | None:
         if ours is None:
             return "the compiled model does not follow its parameters: with all of them 0 its loss is not ln V"
         if any(not torch.allclose(ours[n], g, rtol=1e-2, atol=1e-4) for n, g in eager.items()):
-            return "the compiled model does not follow its parameters: with all of them 0 its gradient differs from eager's"
+            return (
+                "the compiled model does not follow its parameters: "
+                "with all of them 0 its gradient differs from eager's"
+            )
         return None
     finally:
         model.zero_grad(set_to_none=True)

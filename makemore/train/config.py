@@ -25,7 +25,8 @@ INT64 = 2**63  # ints end up as tensor sizes, indices and seeds: int64 in torch
 
 
 def option(default, help: str, choices=None, type=None):
-    """A setting: its default, its help, and where the field's annotation is not the flag's type (``float | None``) that type."""
+    """A setting: its default, its help, and where the field's annotation is not the flag's type
+    (``float | None``) that type."""
     metadata = {"help": help, **({"choices": choices} if choices else {}), **({"type": type} if type else {})}
     return field(default=default, metadata=metadata)
 
@@ -74,7 +75,8 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = option(
         0,
-        "estimate train/val loss every this many steps and keep the best val estimate's weights in best.pt (0: no estimates)",
+        "estimate train/val loss every this many steps "
+        "and keep the best val estimate's weights in best.pt (0: no estimates)",
     )
     eval_iters: int = option(20, "random batches per estimate")
     patience: int = option(0, "stop after this many estimates in a row without a better val estimate (0: never)")
@@ -93,7 +95,8 @@ class TrainConfig:
     )
     dtype: str = option(
         "auto",
-        "bfloat16: autocast matmuls to bfloat16, float32 master weights; auto: bfloat16 where the device multiplies it natively",
+        "bfloat16: autocast matmuls to bfloat16, float32 master weights; "
+        "auto: bfloat16 where the device multiplies it natively",
         DTYPES,
     )
     compile: bool = option(False, "torch.compile the model (falls back to eager with a message where it cannot)")
@@ -141,8 +144,8 @@ class TrainConfig:
                 raise ValueError(f"{flag(name)} must be in [0, 1), got {getattr(self, name)}")
         if self.max_steps > MAX_STEPS:
             raise ValueError(
-                f"--max-steps must be <= {MAX_STEPS:,} (the run keeps each step's loss in memory), got {self.max_steps:,}; "
-                "bound a long run with --max-seconds instead"
+                f"--max-steps must be <= {MAX_STEPS:,} (the run keeps each step's loss in memory), "
+                f"got {self.max_steps:,}; bound a long run with --max-seconds instead"
             )
         if not 0 <= self.seed < INT64 - 1:  # seed + 1 seeds the estimates' generator
             raise ValueError(f"--seed must be in [0, 2^63 - 1), got {self.seed}")
@@ -194,7 +197,8 @@ def model_fields() -> dict[str, dataclasses.Field]:
             if f.name != "vocab_size":
                 if f.name in found and found[f.name].type is not f.type:
                     raise TypeError(
-                        f"model option {f.name!r} has two types ({found[f.name].type}, {f.type}): one flag cannot serve both"
+                        f"model option {f.name!r} has two types ({found[f.name].type}, {f.type}): "
+                        "one flag cannot serve both"
                     )
                 found.setdefault(f.name, f)
     return found

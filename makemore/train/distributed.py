@@ -53,13 +53,15 @@ def check_supported(model_name: str, model: torch.nn.Module) -> None:
         )
     if model.batch_statistics:
         raise ValueError(
-            f"--model {model_name} uses BatchNorm, whose batch statistics would differ between the {world_size()} processes; "
+            f"--model {model_name} uses BatchNorm, "
+            f"whose batch statistics would differ between the {world_size()} processes; "
             "train it without torchrun, or use --model gated (no normalisation) under torchrun"
         )
 
 
 def setup(on: torch.device, timeout: float) -> None:
-    """Join the process group (torchrun's rendezvous, through the environment): gloo for CPU tensors, nccl for CUDA ones.
+    """Join the process group (torchrun's rendezvous, through the environment):
+    gloo for CPU tensors, nccl for CUDA ones.
 
     On CUDA the group has both backends, so the loop's host-side collectives (the clock, the
     generators' states, barriers) go through gloo and never wait on the GPU. A collective that waits
@@ -121,7 +123,8 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def agree(elapsed: float, *flags: bool) -> tuple[float, ...]:
-    """The largest clock and each flag raised on any rank, in one float64 all-reduce: what every rank acts on this step."""
+    """The largest clock and each flag raised on any rank, in one float64 all-reduce:
+    what every rank acts on this step."""
     if not _active():
         return (elapsed, *flags)
     tensor = torch.tensor([elapsed, *map(float, flags)], dtype=torch.float64)
@@ -131,7 +134,8 @@ def agree(elapsed: float, *flags: bool) -> tuple[float, ...]:
 
 
 def unanswered_ranks(wait: float = 3.0) -> list[int]:
-    """After a collective timed out: the ranks that do not say within ``wait`` seconds that they are alive ([] if unknown).
+    """After a collective timed out: the ranks that do not say within ``wait`` seconds that they are alive
+    ([] if unknown).
 
     Every rank that timed out marks itself in the rendezvous store (torchrun's agent holds it, so
     it answers while a rank is stopped) and looks for the others' marks; a stopped or hung rank

@@ -13,6 +13,7 @@ Under torchrun every rank checks the same means, so all stop together. The host 
 """
 
 import math
+
 import torch
 
 from . import distributed
@@ -32,7 +33,8 @@ class DivergenceGuard:
         self.saved = run.history.step or None  # the step of the last checkpoint, known good (None: none yet)
 
     def check(self, probe: bool = False) -> None:
-        """Raise FloatingPointError if the losses since the last check (and, with ``probe``, the next step's) diverged."""
+        """Raise FloatingPointError if the losses since the last check
+        (and, with ``probe``, the next step's) diverged."""
         h = self.history
         if h.step == 0:
             return
@@ -60,17 +62,21 @@ class DivergenceGuard:
         lr = _lr_of_step(config, step, self.history.times)
         now = f"now {config.lr:g}" + (f", {lr:g} at that step" if lr != config.lr else "")
         if self.saved:
-            after = f"{self.checkpoint} (step {self.saved}) is from before it: continue it with `makemore train --out {self.out_dir} --resume --lr {config.lr / 10:g}`"
+            after = (
+                f"{self.checkpoint} (step {self.saved}) is from before it: "
+                f"continue it with `makemore train --out {self.out_dir} --resume --lr {config.lr / 10:g}`"
+            )
         else:
             after = "no checkpoint was written: start over with --force and a lower --lr, or with --grad-clip"
         return (
-            f"the training loss diverged at step {step} ({value:.4g}, above {limit:.3g} = {FACTOR:g} x {start:.3g}, where it started): "
-            f"the learning rate is too high: lower --lr ({now}); {after}"
+            f"the training loss diverged at step {step} ({value:.4g}, above {limit:.3g} = {FACTOR:g} x {start:.3g}, "
+            f"where it started): the learning rate is too high: lower --lr ({now}); {after}"
         )
 
 
 def _lr_of_step(config: TrainConfig, n: int, times: torch.Tensor) -> float:
-    """The learning rate step ``n`` (1-based) trained with, as the loop set it: from the steps and the clock before it."""
+    """The learning rate step ``n`` (1-based) trained with,
+    as the loop set it: from the steps and the clock before it."""
     before = float(times[min(n - 2, len(times) - 1)]) if n >= 2 else 0.0
     return learning_rate(
         config, max((n - 1) / config.max_steps, before / config.max_seconds if config.max_seconds else 0.0)

@@ -1,4 +1,5 @@
-"""Every step's loss and clock time, kept on the device for the whole run: the host reads them only when logging or saving."""
+"""Every step's loss and clock time, kept on the device for the whole run:
+the host reads them only when logging or saving."""
 
 import torch
 
@@ -27,7 +28,8 @@ class History:
         self.step, self.elapsed = self.step + 1, elapsed
 
     def average(self) -> None:
-        """Under DDP, replace each rank's step losses since the last call by their mean over the ranks (at logging and checkpoints only)."""
+        """Under DDP, replace each rank's step losses since the last call by their mean over the ranks
+        (at logging and checkpoints only)."""
         if self.averaged < self.step:
             distributed.mean_(self.losses[self.averaged : self.step])
         self.averaged = self.step

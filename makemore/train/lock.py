@@ -57,7 +57,8 @@ def acquire(out_dir: Path) -> Path:
             pid, host = owner
             if host != socket.gethostname():
                 raise InUseError(
-                    f"{out_dir} is in use by a training on host {host} (pid {pid}); wait for it or choose another --out "
+                    f"{out_dir} is in use by a training on host {host} (pid {pid}); "
+                    "wait for it or choose another --out "
                     f"(if no training runs there, delete {path})"
                 ) from None
             if pid_alive(pid) and pid != os.getpid():
@@ -73,7 +74,8 @@ def acquire(out_dir: Path) -> Path:
             f.write(me)
         return path
     raise InUseError(
-        f"{out_dir} is in use: its lock {path} keeps changing hands; wait for the other training or choose another --out"
+        f"{out_dir} is in use: its lock {path} keeps changing hands; "
+        "wait for the other training or choose another --out"
     )
 
 

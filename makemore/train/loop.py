@@ -184,7 +184,8 @@ def _estimate(run: Run, log: Log, saver: Saver) -> bool:
 
 
 def _evaluate_best(run: Run, last: dict) -> dict:
-    """best.pt's step, time and val estimate, and its losses on the whole splits (the last weights' where they are the same)."""
+    """best.pt's step, time and val estimate, and its losses on the whole splits
+    (the last weights' where they are the same)."""
     best = run.best
     losses = last
     if best.step != run.history.step:
@@ -195,7 +196,8 @@ def _evaluate_best(run: Run, last: dict) -> dict:
 
 
 def final_record(out_dir: Path) -> dict | None:
-    """The final record of a run's metrics.jsonl: {"final": last weights' losses, "best": ...}, or None if it has none."""
+    """The final record of a run's metrics.jsonl: {"final": last weights' losses, "best": ...},
+    or None if it has none."""
     path = Path(out_dir) / METRICS
     if not path.is_file():
         return None
@@ -226,7 +228,10 @@ def _lost_peer_message(e: RuntimeError, config: TrainConfig, out_dir: Path) -> s
             f"slower than the others): ending the job; {after}"
         )
     cause = first_line(e).split(". ")[0]
-    return f"{me}: lost contact with another process of this job ({cause}): it failed or was killed (torchrun names it); {after}"
+    return (
+        f"{me}: lost contact with another process of this job ({cause}): "
+        f"it failed or was killed (torchrun names it); {after}"
+    )
 
 
 def _keep_freed_memory() -> None:

@@ -4,9 +4,21 @@ How each was tuned, and what it reaches on which machine: docs/recipes.md.
 """
 
 _SHAKESPEARE = dict(
-    data="tinyshakespeare", model="gated", layout="sequences", batch_size=2, optimizer="adamw", min_lr=1e-4, schedule="cosine",
-    warmup=0.02, weight_decay=0.1, max_steps=1_000_000, eval_interval=250, eval_iters=10, log_interval=50, checkpoint_interval=10_000_000,
-)  # fmt: skip
+    data="tinyshakespeare",
+    model="gated",
+    layout="sequences",
+    batch_size=2,
+    optimizer="adamw",
+    min_lr=1e-4,
+    schedule="cosine",
+    warmup=0.02,
+    weight_decay=0.1,
+    max_steps=1_000_000,
+    eval_interval=250,
+    eval_iters=10,
+    log_interval=50,
+    checkpoint_interval=10_000_000,
+)
 
 # One GPU, 60 s: bf16, compiled, rows of 1,024 targets, the val estimated every 250 steps (the best estimate's
 # weights kept beside the last); the warm-up is nanoGPT's 100 of 5,000 steps as a share of the run.
@@ -32,7 +44,7 @@ RECIPES = {
         fused=True,
         log_interval=50,
         checkpoint_interval=100_000,
-    ),  # fmt: skip
+    ),
     # Long contexts on tinyshakespeare (first 90% train, last 10% val), each stopping at its time budget:
     # the WaveNet paper's gated residual block through the convolution, AdamW, long training sequences.
     # In a short budget a short receptive field and wide layers win: more steps of a wider model beat more context.
@@ -76,7 +88,7 @@ RECIPES = {
         seq_len=128,
         batch_size=16,
         lr=3e-3,
-    ),  # fmt: skip
+    ),
     "transformer-3m": dict(
         _SHAKESPEARE,
         model="transformer",
@@ -89,7 +101,7 @@ RECIPES = {
         batch_size=16,
         lr=3e-3,
         dropout=0.1,
-    ),  # fmt: skip
+    ),
     "transformer-15m": dict(
         _SHAKESPEARE,
         model="transformer",
@@ -102,7 +114,7 @@ RECIPES = {
         batch_size=16,
         lr=2e-3,
         dropout=0.2,
-    ),  # fmt: skip
+    ),
     # One GPU, 60 s of training; the winner of the GPU race among the candidates below takes its place
     # (docs/recipes.md#on-a-gpu).
     "shakespeare-gpu": dict(
@@ -119,7 +131,7 @@ RECIPES = {
         lr=3e-3,
         grad_clip=1.0,
         dtype="bfloat16",
-    ),  # fmt: skip
+    ),
     # The GPU race (python -m bench.race --device cuda --budget 60 --recipes transformer-gpu,shakespeare-gpu-a,...):
     # nanoGPT's shakespeare_char model (its 64 x 256 targets a step as 16 rows of 1,024: each row also computes the
     # R - 1 positions of context before its first target) against WaveNets kept from memorising (docs/recipes.md).
@@ -158,7 +170,7 @@ RECIPES = {
         eval_iters=20,
         log_interval=100,
         checkpoint_interval=10_000_000,
-    ),  # fmt: skip
+    ),
     # Earlier rows of lecture 5's log: the MLP with 3 and 8 tokens of context, the 22K-parameter WaveNet.
     "mlp3": dict(model="mlp", block_size=3, n_embd=10, n_hidden=200),
     "mlp8": dict(model="mlp", block_size=8, n_embd=10, n_hidden=200),

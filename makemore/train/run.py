@@ -147,7 +147,8 @@ def setup(config: TrainConfig, model_config, out_dir: Path, resume: bool) -> Run
 
 
 def _restore(run: Run, state: dict) -> None:
-    """Load the checkpoint's weights, optimiser, random states, history and best, or say in one line which does not fit."""
+    """Load the checkpoint's weights, optimiser, random states, history and best,
+    or say in one line which does not fit."""
     path = run.path(CHECKPOINT)
     checkpoint.load_weights(run.model, state["model"], path)
     try:
@@ -160,7 +161,8 @@ def _restore(run: Run, state: dict) -> None:
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{path}: its optimiser or random-number state does not fit this run ({first_line(e)}); the file was "
-            f"edited or comes from another program: restore it or retrain with `makemore train --out {path.parent} --force`"
+            "edited or comes from another program: "
+            f"restore it or retrain with `makemore train --out {path.parent} --force`"
         ) from None
     run.history.restore(state)
 
