@@ -132,9 +132,9 @@ class _BatchNormTanh(torch.autograd.Function):
                 var = (weights.T @ xc.square()).squeeze(0) / (n - 1).clamp_min(1)
             rstd = (var + eps).rsqrt()
             xhat = xc.mul_(rstd)
-            # 2-D operands: a faster kernel than 1-D broadcasting; the last op out of place
-            # (docs/models.md#autograd-functions)
-            out = torch.addcmul((2 * beta)[None], xhat, (2 * gamma)[None]).sigmoid_().mul_(2).sub(1)
+            # 2-D operands: a faster kernel than 1-D broadcasting. The in-place result is returned as a view, a tensor
+            # of its own without a copy (docs/models.md#autograd-functions).
+            out = torch.addcmul((2 * beta)[None], xhat, (2 * gamma)[None]).sigmoid_().mul_(2).sub_(1).view_as(xhat)
             with torch.no_grad():  # the lecture's running averages
                 running_mean.copy_((1 - momentum) * running_mean + momentum * mean)
                 running_var.copy_((1 - momentum) * running_var + momentum * var)
