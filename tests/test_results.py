@@ -123,7 +123,8 @@ def test_the_table_holds_every_record_race_and_study_row_and_check_catches_a_sta
     assert readme.startswith("# project\n\nintro\n\n") and readme.endswith(
         f"{END}\n\n## after\n"
     )  # only the block changed
-    rows = [line for line in block(readme).splitlines() if line.startswith("| `")]
+    page = (root / results.RESULTS_MD).read_text()  # the whole table
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
     assert rows == [
         "| `fast` | wavenet | 76,579 | 600 | 10 s | 1.9900 | **2.036–2.064** last | 2.0501 | cpu, float32 "
         f"| Test CPU, 2 cores | {DAY[23]} † | `makemore train --recipe fast` | 6 runs |",
@@ -141,10 +142,19 @@ def test_the_table_holds_every_record_race_and_study_row_and_check_catches_a_sta
         f"| Test CPU, 2 cores | {DAY[28]} | `python -m bench.scaling` "
         "| context study at 180 s: val on the same 100,000 targets |",
     ]
-    assert "`python -m bench --budget 480` on CPU" in block(readme) and DAY[26] in block(readme)
-    assert "](docs/benchmarks/results.md)" in block(readme)
-    page = (root / results.RESULTS_MD).read_text()  # the same table, its link relative to docs/
-    assert block(readme).replace("](docs/benchmarks/", "](benchmarks/") in page
+    # The README's short table: the recipes' runs and the races, fewer columns, a link to the whole table.
+    summary = [line for line in block(readme).splitlines() if line.startswith("| `")]
+    assert summary == [
+        f"| `fast` | 76,579 | 10 s | **2.036–2.064** last | 2.0501 | cpu, float32 | Test CPU, 2 cores | {DAY[23]} † |",
+        "| `shakespeare-60s`, race 60 s | 255,489 | 60 s | **1.5900** best (step 2,500, 49.7 s); 1.6115 last | — "
+        f"| cpu, bfloat16 | Test CPU, 2 cores, load 0.2 at the start | {DAY[27]} |",
+        "| `transformer-60s`, race 60 s | 795,904 | 60 s | **1.7024** last | — | cpu "
+        f"| Test CPU, 2 cores, load 0.2 at the start | {DAY[27]} |",
+    ]
+    assert "[docs/results.md](docs/results.md)" in block(readme)
+    for text, docs in ((block(readme), "docs/"), (page, "")):
+        assert "`python -m bench --budget 480` on CPU" in text and DAY[26] in text
+        assert f"]({docs}benchmarks/results.md)" in text
     assert results.main(["--check", "--root", str(root)]) == 0
 
     (root / results.RESULTS_MD).write_text("edited by hand\n")
