@@ -80,6 +80,32 @@ PARTIALS = tl.constexpr(1024)  # partial sums the last program adds at a time
 
 
 @triton.jit
+def _tile_columns(BLOCK_V: tl.constexpr, TAIL: tl.constexpr):
+    """The tile's column indices, and the tail's (the tile's again where there is no tail)."""
+    cols = tl.arange(0, BLOCK_V)
+    tail_cols = cols
+    if TAIL:
+        tail_cols = BLOCK_V + tl.arange(0, TAIL)
+    return cols, tail_cols
+
+
+@triton.jit
+def _block_rows(block, n_rows, ROWS: tl.constexpr, FLAT: tl.constexpr, FLAT_ROWS: tl.constexpr):
+    """Row block ``block``: (each tile row's index in the block, the block's first row, the rows: int64, which of
+    them are rows of the block). A flat block holds FLAT_ROWS rows in a tile of ROWS; a tile block holds ROWS."""
+    r = tl.arange(0, ROWS)
+    if FLAT:
+        first = tl.cast(block, tl.int64) * FLAT_ROWS
+        rows = first + r
+        row_in = (r < FLAT_ROWS) & (rows < n_rows)
+    else:
+        first = tl.cast(block, tl.int64) * ROWS
+        rows = first + r
+        row_in = rows < n_rows
+    return r, first, rows, row_in
+
+
+@triton.jit
 def _row_targets(target_ptr, target_stride, rows, row_in, n_cols, ignore_index):
     """(class to pick: int32, -1 for none; the row counts; the row's target is out of range)."""
     t = tl.load(target_ptr + rows * target_stride, mask=row_in, other=ignore_index)
@@ -280,20 +306,12 @@ def _forward_kernel(
     loss_sum = tl.zeros([], ACC)
     n_valid = tl.zeros([], tl.int32)
     n_blocks = tl.cdiv(n_rows, FLAT_ROWS)
-    cols = tl.arange(0, BLOCK_V)
-    tail_cols = cols
-    if TAIL:
-        tail_cols = BLOCK_V + tl.arange(0, TAIL)
+    cols, tail_cols = _tile_columns(BLOCK_V, TAIL)
     for block in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        r, first, rows, row_in = _block_rows(block, n_rows, ROWS, FLAT, FLAT_ROWS)
         if FLAT:
-            r = tl.arange(0, ROWS)
-            first = tl.cast(block, tl.int64) * FLAT_ROWS
-            rows = first + r
-            row_in = (r < FLAT_ROWS) & (rows < n_rows)
             x_flat = _load_flat(x_ptr + first * V, n_rows - first, V, FLAT, FLAT_ROWS)
         else:
-            rows = tl.cast(block, tl.int64) * ROWS + tl.arange(0, ROWS)
-            row_in = rows < n_rows
             x_rows = x_ptr + rows[:, None] * x_stride_row
         cls, valid, bad = _row_targets(target_ptr, target_stride, rows, row_in, n_cols, ignore_index)
         tl.device_assert(
@@ -367,14 +385,8 @@ def _forward_kernel(
                 g_rows = grad_ptr + rows[:, None] * grad_stride_row
                 _store_tile(g_rows, grad_stride_col, g, cols, row_in, n_cols)
                 if TAIL:
-                    _store_tile(
-                        g_rows,
-                        grad_stride_col,
-                        _grad(x_tail, tail_cols, shift, log_d, cls, weight, n_cols, label_smoothing),
-                        tail_cols,
-                        row_in,
-                        n_cols,
-                    )
+                    g = _grad(x_tail, tail_cols, shift, log_d, cls, weight, n_cols, label_smoothing)
+                    _store_tile(g_rows, grad_stride_col, g, tail_cols, row_in, n_cols)
             else:
                 # Second read of the row, right after the first (mostly from L2): the softmax needs
                 # the whole row's logsumexp before any of its gradient can be written.
@@ -382,27 +394,12 @@ def _forward_kernel(
                 for start in range(0, n_cols, BLOCK_V):
                     c = start + cols
                     x = _load_tile(x_rows, x_stride_col, c, row_in, n_cols, ACC)
-                    _store_tile(
-                        g_rows,
-                        grad_stride_col,
-                        _grad(x, c, shift, log_d, cls, weight, n_cols, label_smoothing),
-                        c,
-                        row_in,
-                        n_cols,
-                    )
+                    g = _grad(x, c, shift, log_d, cls, weight, n_cols, label_smoothing)
+                    _store_tile(g_rows, grad_stride_col, g, c, row_in, n_cols)
 
     if REDUCTION != NONE:
-        _finish(
-            loss_ptr,
-            aux_ptr + 2 * n_rows,
-            work_ptr,
-            partial_ptr,
-            loss_sum,
-            n_valid,
-            COUNT_FIRST,
-            REDUCTION,
-            WRITE_STATS,
-        )
+        count_ptr = aux_ptr + 2 * n_rows  # where backward reads the mean's count
+        _finish(loss_ptr, count_ptr, work_ptr, partial_ptr, loss_sum, n_valid, COUNT_FIRST, REDUCTION, WRITE_STATS)
 
 
 @triton.jit(do_not_specialize=["ignore_index", "go_stride"])
@@ -441,20 +438,12 @@ def _backward_kernel(
         if REDUCTION == MEAN:
             scale = scale / tl.load(aux_ptr + 2 * n_rows)
     n_blocks = tl.cdiv(n_rows, FLAT_ROWS)
-    cols = tl.arange(0, BLOCK_V)
-    tail_cols = cols
-    if TAIL:
-        tail_cols = BLOCK_V + tl.arange(0, TAIL)
+    cols, tail_cols = _tile_columns(BLOCK_V, TAIL)
     for block in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        r, first, rows, row_in = _block_rows(block, n_rows, ROWS, FLAT, FLAT_ROWS)
         if FLAT:
-            r = tl.arange(0, ROWS)
-            first = tl.cast(block, tl.int64) * FLAT_ROWS
-            rows = first + r
-            row_in = (r < FLAT_ROWS) & (rows < n_rows)
             x_flat = _load_flat(x_ptr + first * V, n_rows - first, V, FLAT, FLAT_ROWS)
         else:
-            rows = tl.cast(block, tl.int64) * ROWS + tl.arange(0, ROWS)
-            row_in = rows < n_rows
             x_rows = x_ptr + rows[:, None] * x_stride_row
             g_rows = grad_ptr + rows[:, None] * grad_stride_row
         cls, valid, bad = _row_targets(target_ptr, target_stride, rows, row_in, n_cols, ignore_index)
@@ -469,36 +458,18 @@ def _backward_kernel(
             _store_flat(grad_ptr + first * V, g_flat, n_rows - first, V, FLAT, FLAT_ROWS)
         elif SINGLE_TILE:
             x = _load_tile(x_rows, x_stride_col, cols, row_in, n_cols, ACC)
-            _store_tile(
-                g_rows,
-                grad_stride_col,
-                _grad(x, cols, shift, log_d, cls, weight, n_cols, label_smoothing),
-                cols,
-                row_in,
-                n_cols,
-            )
+            g = _grad(x, cols, shift, log_d, cls, weight, n_cols, label_smoothing)
+            _store_tile(g_rows, grad_stride_col, g, cols, row_in, n_cols)
             if TAIL:
                 x_tail = _load_tile(x_rows, x_stride_col, tail_cols, row_in, n_cols, ACC)
-                _store_tile(
-                    g_rows,
-                    grad_stride_col,
-                    _grad(x_tail, tail_cols, shift, log_d, cls, weight, n_cols, label_smoothing),
-                    tail_cols,
-                    row_in,
-                    n_cols,
-                )
+                g = _grad(x_tail, tail_cols, shift, log_d, cls, weight, n_cols, label_smoothing)
+                _store_tile(g_rows, grad_stride_col, g, tail_cols, row_in, n_cols)
         else:
             for start in range(0, n_cols, BLOCK_V):
                 c = start + cols
                 x = _load_tile(x_rows, x_stride_col, c, row_in, n_cols, ACC)
-                _store_tile(
-                    g_rows,
-                    grad_stride_col,
-                    _grad(x, c, shift, log_d, cls, weight, n_cols, label_smoothing),
-                    c,
-                    row_in,
-                    n_cols,
-                )
+                g = _grad(x, c, shift, log_d, cls, weight, n_cols, label_smoothing)
+                _store_tile(g_rows, grad_stride_col, g, c, row_in, n_cols)
 
 
 @triton.jit

@@ -13,24 +13,10 @@ from makemore import checkpoint, cli
 from makemore.train import BEST, CHECKPOINT, METRICS, make_configs, train
 from makemore.train.loop import final_record
 
-OVERFIT = dict(
-    model="gated",
-    layout="sequences",
-    n_embd=32,
-    n_hidden=32,
-    n_skip=64,
-    n_levels=3,
-    batch_size=32,
-    optimizer="adamw",
-    lr=1e-2,
-    schedule="cosine",
-    max_steps=150,
-    eval_interval=10,
-    eval_iters=4,
-    log_interval=50,
-    dtype="float32",
-    checkpoint_interval=10_000,
-)
+# A wide model over whole names, trained hard for 150 steps, its val estimated every 10.
+WIDE = dict(model="gated", layout="sequences", n_embd=32, n_hidden=32, n_skip=64, n_levels=3)
+HARD = dict(batch_size=32, optimizer="adamw", lr=1e-2, schedule="cosine", max_steps=150, dtype="float32")
+OVERFIT = dict(WIDE, **HARD, eval_interval=10, eval_iters=4, log_interval=50, checkpoint_interval=10_000)
 
 
 @pytest.fixture(scope="module")

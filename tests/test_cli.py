@@ -11,6 +11,9 @@ import pytest
 from makemore.cli import main
 from makemore.data import lecture_split
 
+# A quick run of the fast recipe: a small batch, stopped by a step count (--max-steps) rather than the clock.
+FAST = "train --recipe fast --batch-size 64 --max-seconds 0".split()
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -29,18 +32,7 @@ def run(*argv):
 def test_stream_data_trains_and_samples_without_a_prompt(tmp_path, capsys):
     """tinyshakespeare ships with the package; a text model samples from an empty prompt."""
     out = tmp_path / "shakespeare"
-    argv = [
-        "train",
-        "--data",
-        "tinyshakespeare",
-        "--out",
-        str(out),
-        "--max-steps",
-        "20",
-        "--batch-size",
-        "8",
-        "--quiet",
-    ]
+    argv = "train --data tinyshakespeare --max-steps 20 --batch-size 8 --quiet".split() + ["--out", str(out)]
     assert main([*argv, "--samples", "1", "--eval-max-tokens", "2000"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("train ") and " val " in printed and len(printed.splitlines()[1:]) > 0
@@ -167,43 +159,18 @@ def test_console_script_errors_without_traceback(tmp_path):
 
 def test_resume_continues_and_refuses_to_change_what_it_trains(tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["--out", str(out), "--quiet", "--samples", "0", "--log-interval", "10", "--eval-max-tokens", "5000"]
-    assert (
-        main(["train", "--recipe", "fast", "--batch-size", "64", "--max-seconds", "0", "--max-steps", "20", *common])
-        == 0
-    )
+    common = "--quiet --samples 0 --log-interval 10 --eval-max-tokens 5000".split() + ["--out", str(out)]
+    assert main([*FAST, "--max-steps", "20", *common]) == 0
     assert main(["train", "--resume", "--max-steps", "30", *common]) == 0
-    steps = [
-        json.loads(line)["step"]
-        for line in (out / "metrics.jsonl").read_text().splitlines()
-        if "loss" in json.loads(line)
-    ]
-    assert steps == [10, 20, 30]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [10, 20, 30]
     assert "--lr cannot change when resuming" in bad(capsys, "train", "--resume", "--lr", "0.5", *common)
 
 
 def test_force_starts_a_fresh_log(tmp_path):
     out = tmp_path / "run"
-    argv = [
-        "train",
-        "--recipe",
-        "fast",
-        "--batch-size",
-        "64",
-        "--max-seconds",
-        "0",
-        "--max-steps",
-        "10",
-        "--out",
-        str(out),
-        "--quiet",
-        "--samples",
-        "0",
-        "--log-interval",
-        "5",
-        "--eval-max-tokens",
-        "5000",
-    ]
+    argv = FAST + "--max-steps 10 --quiet --samples 0 --log-interval 5 --eval-max-tokens 5000".split()
+    argv += ["--out", str(out)]
     assert main(argv) == 0
     assert main([*argv, "--force"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -217,25 +184,8 @@ def test_compile_falls_back_to_eager_with_one_message(tmp_path, capsys, monkeypa
         raise RuntimeError("no compiler here\nsecond line")
 
     monkeypatch.setattr(torch, "compile", refuse)
-    argv = [
-        "train",
-        "--recipe",
-        "fast",
-        "--batch-size",
-        "64",
-        "--max-seconds",
-        "0",
-        "--max-steps",
-        "5",
-        "--compile",
-        "--out",
-        str(tmp_path / "r"),
-        "--quiet",
-        "--samples",
-        "0",
-        "--eval-max-tokens",
-        "5000",
-    ]
+    argv = FAST + "--max-steps 5 --compile --quiet --samples 0 --eval-max-tokens 5000".split()
+    argv += ["--out", str(tmp_path / "r")]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "makemore: --compile failed (no compiler here); training without compilation" in err
@@ -268,34 +218,16 @@ def test_sample_with_a_prompt_on_line_data_starts_every_name_with_it(trained, ca
     samples = capsys.readouterr().out.splitlines()
     assert len(samples) == 30 and all(s.startswith("al") for s in samples) and any(len(s) > 2 for s in samples)
     assert "the boundary between items" in bad(capsys, "sample", "--out", str(trained), "--prompt", "a.b")
-    assert "--prompt" in bad(
-        capsys, "sample", "--out", str(trained), "--prompt", "Z"
-    )  # a character the model never saw
+    assert "--prompt" in bad(capsys, "sample", "--out", str(trained), "--prompt", "Z")  # a character it never saw
 
 
 def test_resume_auto_starts_a_run_then_continues_it(tmp_path, capsys):
     """The same command twice, as torchrun's restarts run it: fresh the first time, resumed the second."""
     out = tmp_path / "auto"
-    argv = [
-        "train",
-        "--recipe",
-        "fast",
-        "--batch-size",
-        "64",
-        "--max-seconds",
-        "0",
-        "--max-steps",
-        "10",
-        "--out",
-        str(out),
-    ]
-    argv += ["--quiet", "--samples", "0", "--log-interval", "5", "--eval-max-tokens", "2000", "--resume", "auto"]
-    assert main(argv) == 0
-    assert (
-        main([*argv[: argv.index("10")], "20", *argv[argv.index("10") + 1 :]]) == 0
-    )  # the same settings: allowed on resume
+    common = "--quiet --samples 0 --log-interval 5 --eval-max-tokens 2000 --resume auto".split() + ["--out", str(out)]
+    assert main([*FAST, "--max-steps", "10", *common]) == 0
+    assert main([*FAST, "--max-steps", "20", *common]) == 0  # the same settings but the step count: allowed on resume
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20] and [
-        r["step"] for r in records if "run" in r
-    ] == [0, 10]
+    assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20]
+    assert [r["step"] for r in records if "run" in r] == [0, 10]
     assert "--resume takes no value or auto" in bad(capsys, "train", "--out", str(out), "--resume", "always")

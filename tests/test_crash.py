@@ -33,24 +33,8 @@ from makemore.train.lock import LOCK
 INTERVAL = 20  # steps between checkpoints, and between log lines
 # A tiny WaveNet at a constant learning rate (decay_at 1.0): the schedule then does not depend on
 # --max-steps, so a run started towards 10**6 steps and killed can be continued to any step.
-TINY = [
-    "--data",
-    "names",
-    "--n-embd",
-    8,
-    "--n-hidden",
-    16,
-    "--batch-size",
-    32,
-    "--decay-at",
-    1.0,
-    "--log-interval",
-    INTERVAL,
-    "--checkpoint-interval",
-    INTERVAL,
-    "--dtype",
-    "float32",
-]
+TINY = "--data names --n-embd 8 --n-hidden 16 --batch-size 32 --decay-at 1.0".split()
+TINY += ["--log-interval", INTERVAL, "--checkpoint-interval", INTERVAL, "--dtype", "float32"]
 REPORTING = ["--eval-max-tokens", 1000, "--quiet", "--samples", 0]  # what a resumed run is given again
 STEPS = 160  # where the resumed runs and the uninterrupted reference stop
 TIMEOUT = 300  # seconds: a hang guard only; the machine may be shared and paused
@@ -246,29 +230,15 @@ def test_a_second_training_into_a_busy_directory_is_refused(tmp_path, capsys):
     assert checkpoint.load(out / CHECKPOINT)["step"] > 0 and not (out / LOCK).exists()
 
 
+# A whole run, quickly: five steps on names, nothing printed but the losses.
+FIVE_STEPS = "train --data names --max-steps 5 --quiet --samples 0 --eval-max-tokens 1000".split()
+
+
 def test_a_stale_lock_is_taken_over(tmp_path, dead_pid):
     out = tmp_path / "run"
     out.mkdir()
     (out / LOCK).write_text(f"{dead_pid} {socket.gethostname()}\n")  # its training was killed
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                "names",
-                "--max-steps",
-                "5",
-                "--out",
-                str(out),
-                "--quiet",
-                "--samples",
-                "0",
-                "--eval-max-tokens",
-                "1000",
-            ]
-        )
-        == 0
-    )
+    assert main([*FIVE_STEPS, "--out", str(out)]) == 0
     assert checkpoint.load(out / CHECKPOINT)["step"] == 5 and not (out / LOCK).exists()
 
 
@@ -308,20 +278,7 @@ def test_the_lock_is_released_on_every_way_out(tmp_path, monkeypatch, error, cod
         raise error
 
     monkeypatch.setattr("makemore.train.loop.plot_losses", fail)  # the last thing training does
-    argv = [
-        "train",
-        "--data",
-        "names",
-        "--max-steps",
-        "5",
-        "--out",
-        str(tmp_path),
-        "--quiet",
-        "--samples",
-        "0",
-        "--eval-max-tokens",
-        "1000",
-    ]
+    argv = [*FIVE_STEPS, "--out", str(tmp_path)]
     if code is None:
         with pytest.raises(RuntimeError, match="a bug"):
             main(argv)
@@ -332,21 +289,7 @@ def test_the_lock_is_released_on_every_way_out(tmp_path, monkeypatch, error, cod
 
 # Numerical faults.
 
-DIVERGE = [
-    "--data",
-    "names",
-    "--n-embd",
-    "8",
-    "--n-hidden",
-    "16",
-    "--max-steps",
-    "100",
-    "--quiet",
-    "--samples",
-    "0",
-    "--eval-max-tokens",
-    "1000",
-]
+DIVERGE = "--data names --n-embd 8 --n-hidden 16 --max-steps 100 --quiet --samples 0 --eval-max-tokens 1000".split()
 
 
 def diverges(capsys, *argv) -> str:
@@ -376,23 +319,8 @@ def test_a_huge_learning_rate_stops_at_once_and_writes_no_checkpoint(tmp_path, c
 def test_a_diverging_run_keeps_its_last_good_checkpoint_which_resumes_at_a_lower_rate(tmp_path, capsys):
     """The rate warms up over the whole run to a peak of 15 (SGD): the loss falls, then diverges."""
     out = tmp_path / "run"
-    err = diverges(
-        capsys,
-        "--schedule",
-        "cosine",
-        "--warmup",
-        "1.0",
-        "--lr",
-        "15",
-        "--min-lr",
-        "15",
-        "--log-interval",
-        10,
-        "--checkpoint-interval",
-        INTERVAL,
-        "--out",
-        out,
-    )
+    schedule = "--schedule cosine --warmup 1.0 --lr 15 --min-lr 15 --log-interval 10".split()
+    err = diverges(capsys, *schedule, "--checkpoint-interval", INTERVAL, "--out", out)
     diverged = int(err.split("diverged at step ")[1].split(" ")[0])
     state = checkpoint.load(out / CHECKPOINT)
     # The last checkpoint whose weights were checked (by the loss of the step after it) is kept;
@@ -407,24 +335,8 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint_which_resumes_at_a_lower
     assert max(logged_losses(out)) < diverged  # nothing diverged was logged either
     assert not (out / LOCK).exists()
 
-    assert (
-        main(
-            [
-                "train",
-                "--out",
-                str(out),
-                "--resume",
-                "--lr",
-                "1.5",
-                "--quiet",
-                "--samples",
-                "0",
-                "--eval-max-tokens",
-                "1000",
-            ]
-        )
-        == 0
-    )
+    resume = "--resume --lr 1.5 --quiet --samples 0 --eval-max-tokens 1000".split()
+    assert main(["train", "--out", str(out), *resume]) == 0
     resumed = checkpoint.load(out / CHECKPOINT)
     assert resumed["step"] == 100 and resumed["config"]["lr"] == 1.5
     assert torch.equal(resumed["losses"][: state["step"]], state["losses"])

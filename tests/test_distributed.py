@@ -34,18 +34,8 @@ if not (dist.is_available() and dist.is_gloo_available()):
 
 # A tiny normalisation-free model: DDP's averaged gradient is then the gradient of the global batch.
 # Windows layout: one target per row, so the mean loss over the global batch is the mean of the ranks' means.
-TINY = dict(
-    model="gated",
-    n_embd=8,
-    n_skip=8,
-    n_levels=2,
-    stacks=1,
-    batch_size=16,
-    optimizer="adamw",
-    lr=1e-2,
-    decay_at=1.0,
-    dtype="float32",
-)
+TINY_MODEL = dict(model="gated", n_embd=8, n_skip=8, n_levels=2, stacks=1)
+TINY = dict(TINY_MODEL, batch_size=16, optimizer="adamw", lr=1e-2, decay_at=1.0, dtype="float32")
 REPORTING = ["--quiet", "--samples", "0", "--log-interval", "1", "--eval-max-tokens", "1000"]
 STEPS = 4
 
@@ -58,19 +48,8 @@ def torchrun_command(*argv, nproc: int = 2) -> tuple[list[str], dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        "makemore",
-        "train",
-        *map(str, argv),
-    ]
-    return command, env
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return [*launcher, "-m", "makemore", "train", *map(str, argv)], env
 
 
 def torchrun(*argv, nproc: int = 2) -> subprocess.CompletedProcess:

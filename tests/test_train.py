@@ -12,6 +12,10 @@ from makemore.models import WaveNet, WaveNetConfig, build_model
 from makemore.train import CHECKPOINT, METRICS, RECIPES, loop, make_configs, saver, train
 from makemore.train.optim import learning_rate
 
+# A tiny normalisation-free model: trains in seconds, and its gradients need no batch statistics.
+TINY_GATED = dict(model="gated", n_embd=8, n_hidden=8, n_skip=8, n_levels=2)
+ADAMW = dict(optimizer="adamw", lr=1e-2)  # a high rate, for tiny models and short runs
+
 
 def quick(tmp_path, **settings):
     """Configs for a short run on names, and its output directory."""
@@ -46,12 +50,8 @@ def test_lecture_recipe_is_the_lectures_notebook_step_for_step(tmp_path, names, 
 
 def test_the_lecture_schedule_decays_at_step_150000():
     config, _ = make_configs(RECIPES["lecture"])
-    assert [learning_rate(config, s / config.max_steps) for s in (0, 149_999, 150_000, 199_999)] == [
-        0.1,
-        0.1,
-        0.01,
-        0.01,
-    ]
+    steps = (0, 149_999, 150_000, 199_999)
+    assert [learning_rate(config, s / config.max_steps) for s in steps] == [0.1, 0.1, 0.01, 0.01]
 
 
 def test_cosine_warms_up_then_decays_to_the_floor():
@@ -76,7 +76,7 @@ def test_short_run_learns_and_logs(tmp_path):
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, dict(model="gated", n_levels=2, n_embd=8, n_hidden=8, n_skip=8, dropout=0.3, optimizer="adamw", lr=1e-2)],
+    [{}, dict(TINY_GATED, dropout=0.3, **ADAMW)],
     ids=["wavenet", "gated-dropout"],
 )
 def test_resume_continues_exactly(tmp_path, settings):
@@ -94,10 +94,8 @@ def test_resume_continues_exactly(tmp_path, settings):
     assert torch.equal(a["generator"], b["generator"])
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    steps = [
-        json.loads(line)["step"] for line in (split / METRICS).read_text().splitlines() if "loss" in json.loads(line)
-    ]
-    assert steps == [50, 100, 150, 200]
+    records = [json.loads(line) for line in (split / METRICS).read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [50, 100, 150, 200]
 
 
 def test_a_time_budget_stops_training_at_the_first_step_that_reaches_it(tmp_path, monkeypatch):
@@ -105,16 +103,8 @@ def test_a_time_budget_stops_training_at_the_first_step_that_reaches_it(tmp_path
     and the cosine schedule follows it."""
     ticks = iter(range(10**6))
     monkeypatch.setattr(loop, "clock", lambda: 0.25 * next(ticks))  # read at each step's start and end: 0.25 s a step
-    settings = dict(
-        max_steps=10**6,
-        max_seconds=1.0,
-        schedule="cosine",
-        optimizer="adamw",
-        lr=1e-2,
-        log_interval=1,
-        eval_max_tokens=1000,
-    )
-    config, model_config, out = quick(tmp_path, **settings)
+    budget = dict(max_steps=10**6, max_seconds=1.0, schedule="cosine")
+    config, model_config, out = quick(tmp_path, **budget, **ADAMW, log_interval=1, eval_max_tokens=1000)
     train(config, model_config, out, progress=False)
     state = checkpoint.load(out / CHECKPOINT)
     assert state["step"] == 4 and state["elapsed"] == 1.0 and state["times"].tolist() == [0.25, 0.5, 0.75, 1.0]
@@ -140,19 +130,8 @@ def loop_batches(config, model_config, steps: int):
 
 # The gated model (no batch statistics) on windows (one target per row): the mean of the micro-batches' mean
 # losses is the mean over their concatenation, so accumulation must equal one step on the large batch.
-ACCUM = dict(
-    model="gated",
-    n_embd=8,
-    n_hidden=8,
-    n_skip=8,
-    n_levels=3,
-    batch_size=8,
-    grad_accum=4,
-    max_steps=3,
-    decay_at=1.0,
-    log_interval=1,
-    eval_max_tokens=1000,
-)
+ACCUM = dict(TINY_GATED, n_levels=3, batch_size=8, grad_accum=4, max_steps=3, decay_at=1.0)
+ACCUM.update(log_interval=1, eval_max_tokens=1000)
 
 
 def test_gradient_accumulation_equals_the_step_on_the_concatenated_batch(tmp_path):
@@ -204,19 +183,7 @@ def test_gradient_clipping_equals_clip_grad_norm_of_the_accumulated_gradient(tmp
 def test_a_small_recipe_really_compiles_on_the_cpu(tmp_path, capfd):
     """--compile through torch.compile (inductor, C++ on the CPU), no mock: it trains and says nothing of falling back.
     The compiled steps match eager ones to float32 rounding (inductor fuses and reorders)."""
-    settings = dict(
-        model="gated",
-        n_embd=8,
-        n_hidden=8,
-        n_skip=8,
-        n_levels=2,
-        batch_size=16,
-        max_steps=5,
-        optimizer="adamw",
-        lr=1e-2,
-        decay_at=1.0,
-        eval_max_tokens=1000,
-    )
+    settings = dict(TINY_GATED, **ADAMW, batch_size=16, max_steps=5, decay_at=1.0, eval_max_tokens=1000)
     config, model_config, out = quick(tmp_path, **settings, compile=True)
     train(config, model_config, out, progress=False)
     assert "--compile failed" not in capfd.readouterr().err
@@ -230,27 +197,14 @@ def test_a_small_recipe_really_compiles_on_the_cpu(tmp_path, capfd):
 
 def test_the_device_and_dtype_a_run_used_are_recorded(tmp_path):
     """bfloat16 training runs (autocast, float32 master weights) and says so in metrics.jsonl and the checkpoint."""
-    config, model_config, out = quick(
-        tmp_path,
-        model="gated",
-        n_embd=8,
-        n_hidden=8,
-        n_skip=8,
-        n_levels=2,
-        max_steps=50,
-        optimizer="adamw",
-        lr=1e-2,
-        dtype="bfloat16",
-        eval_max_tokens=1000,
-    )
+    settings = dict(TINY_GATED, **ADAMW, max_steps=50, dtype="bfloat16", eval_max_tokens=1000)
+    config, model_config, out = quick(tmp_path, **settings)
     result = train(config, model_config, out, progress=False)
     state = checkpoint.load(out / CHECKPOINT)
     assert (state["device"], state["dtype"], state["world_size"]) == ("cpu", "bfloat16", 1)
     assert all(v.dtype == torch.float32 for v in state["model"].values())
-    assert json.loads((out / METRICS).read_text().splitlines()[0]) == {
-        "step": 0,
-        "run": {"device": "cpu", "dtype": "bfloat16", "world_size": 1},
-    }
+    first = json.loads((out / METRICS).read_text().splitlines()[0])
+    assert first == {"step": 0, "run": {"device": "cpu", "dtype": "bfloat16", "world_size": 1}}
     assert result["val"] < 3.0  # ln 27 = 3.30: it learned
 
 
@@ -280,15 +234,7 @@ def test_auto_picks_the_gpu_and_bf16_where_the_hardware_has_them(monkeypatch):
         dict(max_steps=300, layout="sequences", batch_size=8, optimizer="adamw", lr=1e-2, fused=True),
         dict(max_steps=300, order="windows", grad_accum=2, grad_clip=1.0, optimizer="adamw", lr=1e-2),
     ],
-    ids=[
-        "bigram",
-        "trigram",
-        "bigram-nn",
-        "mlp",
-        "mlp-sequences",
-        "wavenet-sequences-fused",
-        "wavenet-windows-accum-clip",
-    ],
+    ids="bigram trigram bigram-nn mlp mlp-sequences wavenet-sequences-fused wavenet-windows-accum-clip".split(),
 )
 def test_every_model_and_layout_trains_and_evaluates(tmp_path, settings):
     config, model_config, out = quick(tmp_path, **settings)
@@ -314,20 +260,8 @@ def test_stream_data_trains_on_random_windows(tmp_path):
 def test_wavenet_trains_on_a_stream_with_a_long_context_through_the_convolution(tmp_path):
     path = tmp_path / "stream.txt"
     path.write_text("the quick brown fox. jumps over the lazy dog.\n" * 400)
-    config, model_config, out = quick(
-        tmp_path,
-        data=str(path),
-        kind="stream",
-        layout="sequences",
-        block_size=1024,
-        n_embd=8,
-        n_hidden=16,
-        seq_len=32,
-        batch_size=4,
-        max_steps=100,
-        optimizer="adamw",
-        lr=1e-2,
-    )
+    stream = dict(data=str(path), kind="stream", layout="sequences", block_size=1024, seq_len=32, batch_size=4)
+    config, model_config, out = quick(tmp_path, **stream, **ADAMW, n_embd=8, n_hidden=16, max_steps=100)
     result = train(config, model_config, out, progress=False)
     assert result["val"] < 2.0
 
@@ -337,15 +271,8 @@ def test_shakespeare_recipes_train_the_gated_model_on_long_sequences(tmp_path, r
     """Each recipe as written, shrunk in its time budget and depth; the text's final 10% is the val split."""
     path = tmp_path / "stream.txt"
     path.write_text("the quick brown fox. jumps over the lazy dog.\n" * 400)
-    settings = {
-        **RECIPES[recipe],
-        "data": str(path),
-        "kind": "stream",
-        "n_levels": 4,
-        "seq_len": 256,
-        "max_seconds": 0.0,
-        "max_steps": 60,
-    }
+    shrunk = dict(n_levels=4, seq_len=256, max_seconds=0.0, max_steps=60)
+    settings = dict(RECIPES[recipe], data=str(path), kind="stream", **shrunk)
     config, model_config, out = quick(tmp_path, **settings)
     assert (config.model, config.layout, config.optimizer) == ("gated", "sequences", "adamw")
     result = train(config, model_config, out, progress=False)
@@ -373,16 +300,7 @@ def test_checkpoints_are_also_written_by_wall_clock(tmp_path, monkeypatch):
     saved = []
     real_save = checkpoint.save
     monkeypatch.setattr(checkpoint, "save", lambda state, path: (saved.append(state["step"]), real_save(state, path)))
-    settings = dict(
-        model="gated",
-        n_embd=8,
-        n_hidden=8,
-        n_skip=8,
-        n_levels=2,
-        max_steps=10,
-        checkpoint_seconds=2.5,
-        eval_max_tokens=1000,
-    )
+    settings = dict(TINY_GATED, max_steps=10, checkpoint_seconds=2.5, eval_max_tokens=1000)
     config, model_config, out = quick(tmp_path, **settings, checkpoint_interval=10**6)
     train(config, model_config, out, progress=False)
     assert saved == [3, 6, 9, 10]

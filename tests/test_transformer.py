@@ -199,42 +199,10 @@ def test_trains_saves_and_samples_through_the_cli(tmp_path, capsys):
     from makemore.cli import load_model, main
 
     out = tmp_path / "run"
-    argv = [
-        "train",
-        "--model",
-        "transformer",
-        "--block-size",
-        "16",
-        "--n-layer",
-        "2",
-        "--n-head",
-        "2",
-        "--n-embd",
-        "16",
-        "--data",
-        "tinyshakespeare",
-        "--layout",
-        "sequences",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "4",
-        "--optimizer",
-        "adamw",
-        "--lr",
-        "3e-3",
-        "--min-lr",
-        "3e-4",
-        "--max-steps",
-        "3",
-        "--eval-max-tokens",
-        "2000",
-        "--quiet",
-        "--samples",
-        "0",
-        "--out",
-        str(out),
-    ]
+    model_flags = "--model transformer --block-size 16 --n-layer 2 --n-head 2 --n-embd 16"
+    data_flags = "--data tinyshakespeare --layout sequences --seq-len 32 --batch-size 4"
+    run_flags = "--optimizer adamw --lr 3e-3 --min-lr 3e-4 --max-steps 3 --eval-max-tokens 2000 --quiet --samples 0"
+    argv = f"train {model_flags} {data_flags} {run_flags}".split() + ["--out", str(out)]
     assert main(argv) == 0
     model, state = load_model(out)
     assert isinstance(model, Transformer) and model.receptive_field == 16 and state["step"] == 3
@@ -252,18 +220,8 @@ def test_two_processes_train_as_one_on_the_global_batch(tmp_path):
     from makemore import checkpoint
     from makemore.train import CHECKPOINT
 
-    settings = dict(
-        model="transformer",
-        block_size=8,
-        n_layer=2,
-        n_head=2,
-        n_embd=8,
-        batch_size=8,
-        optimizer="adamw",
-        lr=1e-2,
-        decay_at=1.0,
-        dtype="float32",
-    )
+    tiny = dict(model="transformer", block_size=8, n_layer=2, n_head=2, n_embd=8)
+    settings = dict(tiny, batch_size=8, optimizer="adamw", lr=1e-2, decay_at=1.0, dtype="float32")
     result = torchrun(*flags(settings), "--max-steps", 3, *REPORTING, "--out", tmp_path / "ddp")
     assert result.returncode == 0, result.stderr
     ours = checkpoint.load(tmp_path / "ddp" / CHECKPOINT)
