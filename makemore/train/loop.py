@@ -157,17 +157,23 @@ def _train(run: Run, log: Log, signals: Signals) -> dict:
     if signals.received:  # during the final checkpoint: it is written; skip the evaluation
         raise Stopped(signals.received, history.step)
 
-    result = {}
-    if run.master_process:
-        result = evaluate(model, run.source, max_tokens=config.eval_max_tokens, device=run.device)
-        record = {"step": history.step, "time": history.elapsed, "final": result}
-        if run.best.step:
-            record["best"] = _evaluate_best(run, result)
-        log.record(record)
-        if history.step:
-            losses, times = history.losses[: history.step].cpu(), history.times[: history.step]
-            plot_losses(losses, times, run.path(METRICS), run.path(LOSS_PLOT))
+    result = _final_evaluation(run, log) if run.master_process else {}
     distributed.barrier()
+    return result
+
+
+def _final_evaluation(run: Run, log: Log) -> dict:
+    """Rank 0, after training: the last weights' losses on the whole splits (returned), the best checkpoint's beside
+    them in the final record, and loss.png."""
+    history = run.history
+    result = evaluate(run.model, run.source, max_tokens=run.config.eval_max_tokens, device=run.device)
+    record = {"step": history.step, "time": history.elapsed, "final": result}
+    if run.best.step:
+        record["best"] = _evaluate_best(run, result)
+    log.record(record)
+    if history.step:
+        losses, times = history.losses[: history.step].cpu(), history.times[: history.step]
+        plot_losses(losses, times, run.path(METRICS), run.path(LOSS_PLOT))
     return result
 
 
